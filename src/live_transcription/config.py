@@ -1,0 +1,171 @@
+"""Settings from the environment, validated once at start.
+
+Variable names follow the official live_transcription ExApp and AppAPI
+(``APP_ID``, ``APP_SECRET``, ``NEXTCLOUD_URL``, ``LT_HPB_URL``, ...). Every
+variable is documented in the README; keep both in step.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Engine(StrEnum):
+    MODAL = "modal"
+    MOSHI = "moshi"
+    EMBEDDED = "embedded"
+
+
+class ConfigError(Exception):
+    """The environment is wrong; the message says which variable and why."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=True, extra="ignore", populate_by_name=True
+    )
+
+    # --- AppAPI / ExApp ---------------------------------------------------
+    app_id: str = Field("live_transcription", alias="APP_ID")
+    app_secret: SecretStr = Field(SecretStr(""), alias="APP_SECRET")
+    app_version: str = Field("0.1.0", alias="APP_VERSION")
+    app_host: str = Field("0.0.0.0", alias="APP_HOST")
+    app_port: int = Field(23000, alias="APP_PORT", ge=1, le=65535)
+    nextcloud_url: str = Field("", alias="NEXTCLOUD_URL")
+
+    # --- High-performance backend -------------------------------------------
+    hpb_url: str = Field("", alias="LT_HPB_URL")
+    internal_secret: SecretStr = Field(SecretStr(""), alias="LT_INTERNAL_SECRET")
+    hpb_backend_url: str = Field(
+        "", alias="LT_HPB_BACKEND_URL",
+        description="backend URL sent in the internal hello; defaults to NEXTCLOUD_URL",
+    )
+    skip_cert_verify: bool = Field(False, alias="SKIP_CERT_VERIFY")
+
+    # --- Speech-to-text -------------------------------------------------------
+    stt_engine: Engine | None = Field(None, alias="LT_STT_ENGINE")
+    modal_workspace: str = Field("", alias="MODAL_WORKSPACE")
+    modal_key: SecretStr = Field(SecretStr(""), alias="MODAL_KEY")
+    modal_secret: SecretStr = Field(SecretStr(""), alias="MODAL_SECRET")
+    modal_app_label: str = Field("kyutai-stt-rust-kyutaisttrustservice-serve", alias="LT_MODAL_APP")
+    modal_url: str = Field("", alias="LT_MODAL_URL")
+    moshi_url: str = Field("", alias="LT_MOSHI_URL")
+    moshi_api_key: SecretStr = Field(SecretStr(""), alias="LT_MOSHI_API_KEY")
+    embedded_threads: int = Field(1, alias="LT_EMBEDDED_THREADS", ge=1, le=64)
+    embedded_model_dir: str = Field("", alias="LT_EMBEDDED_MODEL_DIR")
+
+    # --- Rooms and captions -----------------------------------------------------
+    room_linger_seconds: float = Field(60.0, alias="LT_ROOM_LINGER_SECONDS", ge=0)
+    partial_interval_ms: int = Field(300, alias="LT_PARTIAL_INTERVAL_MS", ge=0, le=10_000)
+    max_caption_seconds: float = Field(10.0, alias="LT_MAX_CAPTION_SECONDS", gt=0)
+    max_speakers_per_room: int = Field(50, alias="LT_MAX_SPEAKERS_PER_ROOM", ge=1)
+    max_speakers: int = Field(500, alias="LT_MAX_SPEAKERS", ge=1)
+    max_rooms: int = Field(200, alias="LT_MAX_ROOMS", ge=1)
+    memory_limit_mb: int = Field(0, alias="LT_MEMORY_LIMIT_MB", ge=0)
+    default_language: str = Field("en", alias="LT_DEFAULT_LANGUAGE")
+    log_level: str = Field("INFO", alias="LT_LOG_LEVEL")
+    log_format: str = Field("json", alias="LT_LOG_FORMAT", pattern="^(json|text)$")
+
+    @field_validator("nextcloud_url", "hpb_url", "hpb_backend_url", "modal_url", "moshi_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.strip().rstrip("/")
+
+    @field_validator("hpb_url")
+    @classmethod
+    def _hpb_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError("must start with http://, https://, ws:// or wss://")
+        return value
+
+    @field_validator("modal_url", "moshi_url")
+    @classmethod
+    def _ws_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> Self:
+        if self.stt_engine is None:
+            modal_set = bool(
+                self.modal_workspace
+                or self.modal_key.get_secret_value()
+                or self.modal_secret.get_secret_value()
+            )
+            self.stt_engine = Engine.MODAL if modal_set else Engine.EMBEDDED
+        if self.stt_engine is Engine.MODAL and not (self.modal_url or self.modal_workspace):
+            raise ValueError(
+                "LT_STT_ENGINE=modal needs MODAL_WORKSPACE (with MODAL_KEY and MODAL_SECRET)"
+                " or LT_MODAL_URL"
+            )
+        if self.stt_engine is Engine.MODAL and self.modal_workspace and not self.modal_url:
+            if not (self.modal_key.get_secret_value() and self.modal_secret.get_secret_value()):
+                raise ValueError("MODAL_WORKSPACE is set: MODAL_KEY and MODAL_SECRET are needed too")
+        if self.stt_engine is Engine.MOSHI and not self.moshi_url:
+            raise ValueError("LT_STT_ENGINE=moshi needs LT_MOSHI_URL (ws://host:port)")
+        return self
+
+    # --- derived ------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        assert self.stt_engine is not None  # set by the validator
+        return self.stt_engine
+
+    @property
+    def hpb_ws_url(self) -> str:
+        """``LT_HPB_URL`` as a WebSocket URL ending in ``/spreed``."""
+        url = self.hpb_url
+        if url.startswith("https://"):
+            url = "wss://" + url.removeprefix("https://")
+        elif url.startswith("http://"):
+            url = "ws://" + url.removeprefix("http://")
+        if not url.endswith("/spreed"):
+            url += "/spreed"
+        return url
+
+    @property
+    def backend_url(self) -> str:
+        return self.hpb_backend_url or self.nextcloud_url
+
+    @property
+    def modal_stream_url(self) -> str:
+        if self.modal_url:
+            return self.modal_url
+        return f"wss://{self.modal_workspace}--{self.modal_app_label}.modal.run/v1/stream"
+
+    def missing_for_calls(self) -> list[str]:
+        """Variables that joining a call needs and that are not set."""
+        missing = []
+        if not self.hpb_url:
+            missing.append("LT_HPB_URL")
+        if not self.internal_secret.get_secret_value():
+            missing.append("LT_INTERNAL_SECRET")
+        if not self.backend_url:
+            missing.append("NEXTCLOUD_URL")
+        return missing
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (plus ``overrides``, by variable name) or raise
+    ``ConfigError`` with one line per bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "configuration"
+            lines.append(f"{where}: {error['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
