@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     hpb_url: str = Field("", alias="LT_HPB_URL")
     internal_secret: SecretStr = Field(SecretStr(""), alias="LT_INTERNAL_SECRET")
     hpb_backend_url: str = Field(
-        "", alias="LT_HPB_BACKEND_URL",
+        "",
+        alias="LT_HPB_BACKEND_URL",
         description="backend URL sent in the internal hello; defaults to NEXTCLOUD_URL",
     )
     skip_cert_verify: bool = Field(False, alias="SKIP_CERT_VERIFY")
@@ -111,9 +112,16 @@ class Settings(BaseSettings):
                 "LT_STT_ENGINE=modal needs MODAL_WORKSPACE (with MODAL_KEY and MODAL_SECRET)"
                 " or LT_MODAL_URL"
             )
-        if self.stt_engine is Engine.MODAL and self.modal_workspace and not self.modal_url:
-            if not (self.modal_key.get_secret_value() and self.modal_secret.get_secret_value()):
-                raise ValueError("MODAL_WORKSPACE is set: MODAL_KEY and MODAL_SECRET are needed too")
+        modal_credentials = bool(
+            self.modal_key.get_secret_value() and self.modal_secret.get_secret_value()
+        )
+        if (
+            self.stt_engine is Engine.MODAL
+            and self.modal_workspace
+            and not self.modal_url
+            and not modal_credentials
+        ):
+            raise ValueError("MODAL_WORKSPACE is set: MODAL_KEY and MODAL_SECRET are needed too")
         if self.stt_engine is Engine.MOSHI and not self.moshi_url:
             raise ValueError("LT_STT_ENGINE=moshi needs LT_MOSHI_URL (ws://host:port)")
         return self

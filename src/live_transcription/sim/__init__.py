@@ -1,1 +1,4 @@
-"""Development tools: an HPB emulator and publishers, used by tests and the demo. Not for production."""
+"""Development tools: an HPB emulator, Janus control and publishers.
+
+Used by the tests and the demo; not part of the production service.
+"""
