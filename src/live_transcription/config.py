@@ -109,12 +109,9 @@ class Settings(BaseSettings):
             self.stt_engine = Engine.MODAL if modal_set else Engine.EMBEDDED
         if self.stt_engine is Engine.MODAL and not (self.modal_url or self.modal_workspace):
             raise ValueError(
-                "LT_STT_ENGINE=modal needs MODAL_WORKSPACE (with MODAL_KEY and MODAL_SECRET)"
-                " or LT_MODAL_URL"
+                "LT_STT_ENGINE=modal needs MODAL_WORKSPACE (with MODAL_KEY and MODAL_SECRET) or LT_MODAL_URL"
             )
-        modal_credentials = bool(
-            self.modal_key.get_secret_value() and self.modal_secret.get_secret_value()
-        )
+        modal_credentials = bool(self.modal_key.get_secret_value() and self.modal_secret.get_secret_value())
         if (
             self.stt_engine is Engine.MODAL
             and self.modal_workspace

@@ -1,0 +1,248 @@
+"""The ExApp HTTP contract Talk and AppAPI call (thin: the rooms do the work).
+
+Routes and answers follow PROTOCOLS.md section 1; errors are JSON
+``{"error": ...}``. ``/heartbeat``, ``/healthz``, ``/readyz`` and ``/metrics``
+are open (orchestrators and Prometheus call them); every other route
+requires AppAPI authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import psutil
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from live_transcription import __version__
+from live_transcription.api.appapi import AppApiAuth, BodyLimit
+from live_transcription.api.health import Health, HealthInputs, assess
+from live_transcription.config import Settings
+from live_transcription.rooms import ports
+from live_transcription.rooms.manager import (
+    CapacityReached,
+    Manager,
+    NoSuchRoom,
+    ProviderFailure,
+    UnsupportedLanguage,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024
+OPEN_PATHS = ("/heartbeat", "/healthz", "/readyz", "/metrics")
+_PROCESS = psutil.Process()
+
+
+@dataclass
+class Runtime:
+    """What the routes need: the rooms, the engine's state, and the switches
+    AppAPI flips."""
+
+    settings: Settings
+    manager: Manager
+    engine_name: str
+    engine_error: Callable[[], str | None] = lambda: None
+    engine_ready: Callable[[], bool] = lambda: True
+    init_task: Callable[[], Coroutine[Any, Any, None]] | None = None
+    enabled: bool = True
+    started_at: float = field(default_factory=time.time)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def health(self) -> tuple[Health, HealthInputs]:
+        inputs = HealthInputs(
+            rooms=self.manager.rooms(),
+            missing_config=self.settings.missing_for_calls(),
+            engine_name=self.engine_name,
+            engine_error=self.engine_error(),
+            engine_ready=self.engine_ready(),
+            speakers_active=self.manager.admission.active,
+            speakers_cap=self.manager.admission.max_speakers,
+            speakers_refused=self.manager.admission.refused,
+            rss_bytes=_PROCESS.memory_info().rss,
+            enabled=self.enabled,
+            accepting=self.manager.accepting,
+        )
+        return assess(inputs), inputs
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+_TOKEN = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+_SESSION = Annotated[str, Field(min_length=1, max_length=512)]
+_LANG = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TranscribeBody(_Body):
+    roomToken: _TOKEN
+    ncSessionId: _SESSION
+    enable: StrictBool = True
+    langId: _LANG | None = None
+
+
+class SetLanguageBody(_Body):
+    roomToken: _TOKEN
+    langId: _LANG
+
+
+class LeaveBody(_Body):
+    roomToken: _TOKEN
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    settings = runtime.settings
+    manager = runtime.manager
+    app = FastAPI(title="live_transcription", version=__version__, docs_url=None, redoc_url=None)
+    app.state.runtime = runtime
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return _error(400, "bad request: " + "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in a request")
+        return _error(500, "internal error")
+
+    # --- AppAPI lifecycle ------------------------------------------------------------------
+    @app.get("/heartbeat")
+    async def heartbeat() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/init")
+    async def init() -> dict[str, object]:
+        if runtime.init_task is not None:
+            task = asyncio.create_task(runtime.init_task())
+            runtime.background.add(task)
+            task.add_done_callback(runtime.background.discard)
+        return {}
+
+    @app.get("/enabled")
+    async def get_enabled() -> dict[str, object]:
+        return {"enabled": runtime.enabled}
+
+    @app.put("/enabled")
+    async def put_enabled(enabled: Annotated[int, Query(ge=0, le=1)]) -> dict[str, object]:
+        runtime.enabled = bool(enabled)
+        if not runtime.enabled:
+            for room in manager.rooms():
+                await manager.leave(room.token)
+        log.info("app %s", "enabled" if runtime.enabled else "disabled")
+        return {"error": ""}
+
+    @app.get("/capabilities")
+    async def capabilities() -> dict[str, object]:
+        return {
+            "live_transcription": {
+                "version": settings.app_version,
+                "features": ["live_transcription"],
+                "live_transcription": {"supported_languages": _languages(manager)},
+            }
+        }
+
+    # --- Talk's API -------------------------------------------------------------------------------
+    @app.get("/api/v1/languages")
+    async def languages() -> dict[str, object]:
+        return _languages(manager)
+
+    @app.post("/api/v1/call/transcribe", response_model=None)
+    async def transcribe(body: TranscribeBody) -> JSONResponse | dict[str, str]:
+        if not runtime.enabled and body.enable:
+            return _error(503, "the app is disabled")
+        try:
+            message = await manager.transcribe(body.roomToken, body.ncSessionId, body.enable, body.langId)
+        except UnsupportedLanguage as exc:
+            return _error(400, str(exc))
+        except ports.HpbUnavailable as exc:
+            return _error(503, f"cannot reach the signaling server: {exc}")
+        except CapacityReached as exc:
+            return _error(503, str(exc))
+        except ProviderFailure as exc:
+            return _error(550, f"speech-to-text provider failure: {exc}")
+        return {"message": message}
+
+    @app.post("/api/v1/call/set-language", response_model=None)
+    async def set_language(body: SetLanguageBody) -> JSONResponse | dict[str, str]:
+        try:
+            await manager.set_language(body.roomToken, body.langId)
+        except UnsupportedLanguage as exc:
+            return _error(400, str(exc))
+        except NoSuchRoom as exc:
+            return _error(404, str(exc))
+        return {"message": f"language set to {body.langId}"}
+
+    @app.post("/api/v1/call/leave", response_model=None)
+    async def leave(body: LeaveBody) -> JSONResponse | dict[str, str]:
+        if not await manager.leave(body.roomToken):
+            return _error(404, "no active transcription in this room")
+        return {"message": "leaving the call"}
+
+    # --- operations ---------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        health, inputs = runtime.health()
+        body = {
+            "status": health.status,
+            "ready": health.ready,
+            "reasons": health.reasons,
+            "version": settings.app_version,
+            "engine": inputs.engine_name,
+            "rooms": len(inputs.rooms),
+            "speakers": inputs.speakers_active,
+            "speakers_cap": inputs.speakers_cap,
+            "speakers_refused": inputs.speakers_refused,
+            "targets": sum(room.targets for room in inputs.rooms),
+            "rss_bytes": inputs.rss_bytes,
+            "uptime_seconds": round(time.time() - runtime.started_at, 1),
+        }
+        return JSONResponse(body, status_code=503 if health.status == "failing" else 200)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        health, _ = runtime.health()
+        return JSONResponse(
+            {"ready": health.ready, "reasons": health.reasons},
+            status_code=200 if health.ready else 503,
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(
+        AppApiAuth,
+        app_id=settings.app_id,
+        secret=settings.app_secret.get_secret_value(),
+        open_paths=OPEN_PATHS,
+    )
+    return app
+
+
+def _languages(manager: Manager) -> dict[str, object]:
+    return {code: lang.as_talk_entry() for code, lang in manager.languages.items()}

@@ -1,0 +1,56 @@
+"""What ``/healthz`` says, computed from the real state (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from live_transcription.rooms.manager import RoomSummary
+
+
+@dataclass(frozen=True, slots=True)
+class HealthInputs:
+    rooms: list[RoomSummary]
+    missing_config: list[str]
+    engine_name: str
+    engine_error: str | None
+    """Set when the engine cannot work at all (e.g. rejected credentials)."""
+    engine_ready: bool
+    speakers_active: int
+    speakers_cap: int
+    speakers_refused: int
+    rss_bytes: int
+    enabled: bool
+    accepting: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    status: str  # ok | degraded | failing
+    ready: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def assess(inputs: HealthInputs) -> Health:
+    failing: list[str] = []
+    degraded: list[str] = []
+    if inputs.missing_config:
+        failing.append("not configured: " + ", ".join(inputs.missing_config))
+    if inputs.engine_error:
+        failing.append(f"STT engine {inputs.engine_name}: {inputs.engine_error}")
+    if inputs.rooms and all(room.link_state in ("reconnecting", "closed") for room in inputs.rooms):
+        failing.append("no room is connected to the HPB")
+    reconnecting = [room for room in inputs.rooms if room.link_state == "reconnecting"]
+    if reconnecting:
+        degraded.append(f"{len(reconnecting)} room(s) reconnecting to the HPB")
+    waiting = sum(room.waiting_speakers for room in inputs.rooms)
+    if inputs.speakers_active >= inputs.speakers_cap:
+        degraded.append(f"speaker cap of {inputs.speakers_cap} reached")
+    elif waiting:
+        degraded.append(f"{waiting} speaker(s) waiting for captioning")
+    if not inputs.engine_ready:
+        degraded.append(f"STT engine {inputs.engine_name} is starting")
+    if not inputs.enabled:
+        degraded.append("the app is disabled in Nextcloud")
+    status = "failing" if failing else "degraded" if degraded else "ok"
+    ready = not failing and inputs.engine_ready and inputs.enabled and inputs.accepting
+    return Health(status=status, ready=ready, reasons=failing + degraded)

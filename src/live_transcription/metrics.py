@@ -1,0 +1,44 @@
+"""Prometheus metrics of the service, defined in one place.
+
+Counters are incremented where things happen; gauges that mirror state
+(rooms, speakers, targets) are read at scrape time from their owners, so
+there is nothing to keep in sync. Process RSS and CPU come from
+prometheus_client's process collector (``process_resident_memory_bytes``,
+``process_cpu_seconds_total``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+PREFIX = "live_transcription"
+
+captions_sent = Counter(
+    f"{PREFIX}_captions_sent", "Transcript messages sent to the HPB, per target", ["kind"]
+)
+captions_dropped = Counter(
+    f"{PREFIX}_captions_dropped", "Transcript messages dropped before sending", ["reason"]
+)
+words_in = Counter(f"{PREFIX}_words", "Words received from the STT engine", ["engine"])
+audio_frames_dropped = Counter(
+    f"{PREFIX}_audio_frames_dropped", "80 ms audio frames dropped", ["reason"]
+)
+audio_packets = Counter(f"{PREFIX}_audio_packets", "RTP audio packets received", ["kind"])
+hpb_reconnects = Counter(
+    f"{PREFIX}_hpb_reconnects", "HPB reconnection attempts by outcome", ["outcome"]
+)
+stt_streams = Counter(
+    f"{PREFIX}_stt_stream_events", "STT stream opens, failures and reconnects", ["engine", "event"]
+)
+speakers_refused = Counter(
+    f"{PREFIX}_speakers_refused", "Speakers not captioned because a cap was reached", ["reason"]
+)
+speakers_started = Counter(f"{PREFIX}_speakers_started", "Speaker sessions started")
+speakers_ended = Counter(f"{PREFIX}_speakers_ended", "Speaker sessions ended", ["reason"])
+rooms_opened = Counter(f"{PREFIX}_rooms_opened", "Rooms joined")
+rooms_closed = Counter(f"{PREFIX}_rooms_closed", "Rooms left", ["reason"])
+caption_latency = Histogram(
+    f"{PREFIX}_caption_latency_seconds",
+    "From the arrival of the audio that ended a word to its caption leaving for the HPB",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
+)

@@ -1,0 +1,219 @@
+"""The rooms of this process: opened on Talk's first request, closed when done.
+
+The Manager owns the token -> Room map. HTTP handlers call its methods on
+the same event loop; each method changes the map without awaiting in the
+middle, so no lock is needed. Every room runs as a task of the Manager's
+TaskGroup: leaving the Manager leaves every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from live_transcription.clock import Clock, MonotonicClock
+from live_transcription.rooms import ports
+from live_transcription.rooms.admission import Admission
+from live_transcription.rooms.room import (
+    AddTarget,
+    Leave,
+    RemoveTarget,
+    Room,
+    SetLanguage,
+    SpeakerFactory,
+)
+from live_transcription.stt.base import Language
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedLanguage(ValueError):
+    pass
+
+
+class NoSuchRoom(LookupError):
+    pass
+
+
+class CapacityReached(RuntimeError):
+    pass
+
+
+class ProviderFailure(RuntimeError):
+    """The STT provider cannot work at all (e.g. rejected credentials)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoomSummary:
+    token: str
+    language: str
+    targets: int
+    pending_targets: int
+    speakers: int
+    waiting_speakers: int
+    link_state: str
+
+
+class Manager:
+    def __init__(
+        self,
+        *,
+        link_factory: ports.CallLinkFactory,
+        speaker_factory: SpeakerFactory,
+        languages: Mapping[str, Language],
+        admission: Admission,
+        default_language: str = "en",
+        linger_seconds: float = 60.0,
+        join_timeout: float = 30.0,
+        max_rooms: int = 200,
+        clock: Clock | None = None,
+        provider_failure: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self._link_factory = link_factory
+        self._speaker_factory = speaker_factory
+        self.languages = dict(languages)
+        self.admission = admission
+        self.default_language = default_language if default_language in languages else next(iter(languages))
+        self._linger_seconds = linger_seconds
+        self._join_timeout = join_timeout
+        self._max_rooms = max_rooms
+        self._clock = clock or MonotonicClock()
+        self._provider_failure = provider_failure
+        self._rooms: dict[str, Room] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self._accepting = False
+        self.rooms_opened = 0
+        self.rooms_closed = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._accepting = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._accepting = False
+        for room in list(self._rooms.values()):
+            room.stop("shutdown")
+        assert self._tasks is not None
+        await self._tasks.__aexit__(exc_type, exc, tb)
+        self._tasks = None
+
+    # --- Talk's requests --------------------------------------------------------------------------
+    def check_language(self, language: str | None) -> str:
+        if language is None:
+            return self.default_language
+        if language not in self.languages:
+            supported = ", ".join(sorted(self.languages))
+            raise UnsupportedLanguage(f"unsupported language {language!r} (supported: {supported})")
+        return language
+
+    async def transcribe(
+        self, token: str, talk_session: str, enable: bool, language: str | None = None
+    ) -> str:
+        """Add or remove one target; opens the room on the first target."""
+        if not enable:
+            room = self._rooms.get(token)
+            if room is None:
+                return "transcription was not enabled for this session"
+            await room.send(RemoveTarget(talk_session))
+            return "transcription disabled for this session"
+
+        chosen = self.check_language(language)
+        failure = self._provider_failure()
+        if failure is not None:
+            raise ProviderFailure(failure)
+        room = self._rooms.get(token)
+        if room is None:
+            room = self._open(token, chosen)
+        elif language is not None and language != room.language:
+            await room.send(SetLanguage(chosen))
+        await room.send(AddTarget(talk_session))
+        try:
+            async with asyncio.timeout(self._join_timeout):
+                await room.wait_joined()
+        except TimeoutError:
+            await self._give_up(room, "join-timeout")
+            raise ports.HpbUnavailable("timed out joining the call through the HPB") from None
+        except ports.HpbUnavailable:
+            raise
+        return "transcription enabled for this session"
+
+    async def set_language(self, token: str, language: str) -> None:
+        chosen = self.check_language(language)
+        room = self._rooms.get(token)
+        if room is None:
+            raise NoSuchRoom("no active transcription in this room")
+        await room.send(SetLanguage(chosen))
+
+    async def leave(self, token: str) -> bool:
+        room = self._rooms.get(token)
+        if room is None:
+            return False
+        await room.send(Leave())
+        return True
+
+    # --- views ------------------------------------------------------------------------------------
+    def rooms(self) -> list[RoomSummary]:
+        return [
+            RoomSummary(
+                token=room.token,
+                language=room.language,
+                targets=room.target_count,
+                pending_targets=len(room.pending_targets),
+                speakers=len(room.speaker_ids),
+                waiting_speakers=len(room.waiting_speakers),
+                link_state=room.link_state,
+            )
+            for room in self._rooms.values()
+        ]
+
+    def room(self, token: str) -> Room | None:
+        return self._rooms.get(token)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # --- internals --------------------------------------------------------------------------------
+    def _open(self, token: str, language: str) -> Room:
+        if not self._accepting or self._tasks is None:
+            raise CapacityReached("the service is shutting down")
+        if len(self._rooms) >= self._max_rooms:
+            raise CapacityReached(f"room cap of {self._max_rooms} reached")
+        room = Room(
+            token,
+            language,
+            link_factory=self._link_factory,
+            speaker_factory=self._speaker_factory,
+            admission=self.admission,
+            clock=self._clock,
+            linger_seconds=self._linger_seconds,
+        )
+        self._rooms[token] = room
+        self.rooms_opened += 1
+        room.task = self._tasks.create_task(self._run_room(room), name=f"room-{token[:4]}")
+        return room
+
+    async def _run_room(self, room: Room) -> None:
+        try:
+            await room.run()
+        except Exception:
+            log.exception("room task failed")
+        finally:
+            if self._rooms.get(room.token) is room:
+                del self._rooms[room.token]
+            self.rooms_closed += 1
+
+    async def _give_up(self, room: Room, reason: str) -> None:
+        room.stop(reason)

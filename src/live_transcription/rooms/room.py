@@ -1,0 +1,406 @@
+"""One call being captioned: owns its HPB link, its speakers, targets and language.
+
+The room's state is changed by its own main loop only. Talk's requests
+(through the Manager) and the link's events both arrive in one bounded inbox
+(senders wait when it is full: control messages apply backpressure). Each
+speaker runs as a task of the room's TaskGroup, so leaving ``run()`` ends
+every speaker, the link and the timers, on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from live_transcription.clock import Clock
+from live_transcription.rooms import ports
+from live_transcription.rooms.admission import Admission
+from live_transcription.rooms.targets import TargetBook
+
+log = logging.getLogger(__name__)
+
+INBOX_SIZE = 256
+
+
+# --- what a room asks of a speaker ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerContext:
+    """Everything a speaker needs from its room, and nothing it could mutate."""
+
+    room_token: str
+    session_id: str
+    offer: ports.OfferReceived
+    language: str
+    link: ports.CallLink
+    publish: Callable[[str, str, bool], None]
+    """``publish(speaker_session, text, final)``: send a caption to the targets."""
+
+
+class SpeakerSession(Protocol):
+    """One speaker's media, STT stream and caption builder (rooms/speaker.py)."""
+
+    async def run(self) -> None:
+        """Answer the offer and caption until closed or failed; flushes on exit."""
+        ...
+
+    def add_candidate(self, candidate: ports.CandidateReceived) -> None: ...
+
+    def set_language(self, language: str) -> None: ...
+
+    def close(self) -> None:
+        """Ask ``run`` to flush and return. Idempotent."""
+        ...
+
+
+SpeakerFactory = Callable[[SpeakerContext], SpeakerSession]
+
+
+# --- commands from the Manager ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddTarget:
+    talk_session: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveTarget:
+    talk_session: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetLanguage:
+    language: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    reason: str = "leave"
+
+
+@dataclass(frozen=True, slots=True)
+class _LingerExpired:
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _LinkClosed:
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _SpeakerEnded:
+    session_id: str
+    speaker: SpeakerSession
+
+
+Command = AddTarget | RemoveTarget | SetLanguage | Leave
+_Item = Command | ports.CallEvent | _LingerExpired | _LinkClosed | _SpeakerEnded
+
+
+@dataclass(slots=True)
+class RoomStats:
+    captions_sent: int = 0
+    captions_without_target: int = 0
+    speakers_refused: int = 0
+    speakers_started: int = 0
+    events_skipped: int = 0
+
+
+class Room:
+    def __init__(
+        self,
+        token: str,
+        language: str,
+        *,
+        link_factory: ports.CallLinkFactory,
+        speaker_factory: SpeakerFactory,
+        admission: Admission,
+        clock: Clock,
+        linger_seconds: float,
+    ) -> None:
+        self.token = token
+        self.language = language
+        self._link_factory = link_factory
+        self._speaker_factory = speaker_factory
+        self._admission = admission
+        self._clock = clock
+        self._linger_seconds = linger_seconds
+
+        self._inbox: asyncio.Queue[_Item] = asyncio.Queue(maxsize=INBOX_SIZE)
+        self._joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._link: ports.CallLink | None = None
+        self._targets = TargetBook()
+        self._wanted: set[str] = set()  # in call with audio, per the HPB
+        self._speakers: dict[str, SpeakerSession] = {}
+        self._linger_generation = 0
+        self._linger_task: asyncio.Task[None] | None = None
+        self.link_state = "connecting"
+        self.closed_reason: str | None = None
+        self.stats = RoomStats()
+        self.task: asyncio.Task[None] | None = None
+        """The task running ``run()``, set by whoever starts it."""
+
+    # --- read-only views --------------------------------------------------------------------------
+    @property
+    def target_count(self) -> int:
+        return len(self._targets)
+
+    @property
+    def pending_targets(self) -> set[str]:
+        return self._targets.pending
+
+    @property
+    def speaker_ids(self) -> frozenset[str]:
+        return frozenset(self._speakers)
+
+    @property
+    def waiting_speakers(self) -> frozenset[str]:
+        """In call with audio but not captioned (caps reached or offer pending)."""
+        return frozenset(self._wanted - self._speakers.keys())
+
+    # --- the Manager's side -----------------------------------------------------------------------
+    async def wait_joined(self) -> None:
+        """Return once the room is joined; raise ``HpbUnavailable`` if joining failed."""
+        await asyncio.shield(self._joined)
+
+    async def send(self, command: Command) -> None:
+        """Queue a command for the room's loop (waits while the inbox is full)."""
+        await self._inbox.put(command)
+
+    def stop(self, reason: str) -> None:
+        """Leave without waiting: a joined room flushes its speakers and says
+        bye; a room still joining (or with a jammed inbox) is cancelled."""
+        if self.task is not None and not self._joined.done():
+            self.closed_reason = reason
+            self.task.cancel()
+            return
+        try:
+            self._inbox.put_nowait(Leave(reason))
+        except asyncio.QueueFull:
+            self.closed_reason = reason
+            if self.task is not None:
+                self.task.cancel()
+
+    # --- the room's own task ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Join, caption, and leave. Returns when the room is done; every
+        speaker and the link are closed by then."""
+        try:
+            async with self._link_factory(self.token) as link:
+                self._link = link
+                self.link_state = "connected"
+                if not self._joined.done():
+                    self._joined.set_result(None)
+                async with asyncio.TaskGroup() as tasks:
+                    pump = tasks.create_task(self._pump(link), name=f"room-pump-{self.token}")
+                    try:
+                        await self._main(tasks)
+                    finally:
+                        pump.cancel()
+                        if self._linger_task is not None:
+                            self._linger_task.cancel()
+                        for speaker in self._speakers.values():
+                            speaker.close()
+        except ports.HpbUnavailable as exc:
+            self.closed_reason = self.closed_reason or "hpb-unavailable"
+            if not self._joined.done():
+                self._joined.set_exception(exc)
+                # the Manager retrieves it; mark it retrieved for early exits too
+                self._joined.exception()
+            else:
+                log.warning("room %s: HPB connection lost for good: %s", _short(self.token), exc)
+        finally:
+            # speakers that ended during shutdown never reached the main loop
+            for _ in self._speakers:
+                self._admission.release()
+            self._speakers.clear()
+            self._wanted.clear()
+            self._link = None
+            self.link_state = "closed"
+            if not self._joined.done():
+                self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
+                self._joined.exception()
+            log.info("room %s closed: %s", _short(self.token), self.closed_reason)
+
+    async def _pump(self, link: ports.CallLink) -> None:
+        error: str | None = None
+        try:
+            async for event in link.events():
+                await self._inbox.put(event)
+        except Exception as exc:  # the link failed for good: the room ends
+            error = repr(exc)
+            log.warning("room %s: link failed: %s", _short(self.token), error)
+        await self._inbox.put(_LinkClosed(error))
+
+    async def _main(self, tasks: asyncio.TaskGroup) -> None:
+        self._restart_linger(tasks)
+        while True:
+            item = await self._inbox.get()
+            reason = self._handle(item, tasks)
+            if reason is not None:
+                self.closed_reason = reason
+                return
+
+    def _handle(self, item: _Item, tasks: asyncio.TaskGroup) -> str | None:
+        """Apply one item; return a reason when the room must close."""
+        match item:
+            case AddTarget(talk_session):
+                self._targets.add(talk_session)
+                self._restart_linger(tasks)
+            case RemoveTarget(talk_session):
+                self._targets.remove(talk_session)
+                self._restart_linger(tasks)
+            case SetLanguage(language):
+                if language != self.language:
+                    log.info("room %s: language %s -> %s", _short(self.token), self.language, language)
+                    self.language = language
+                    for speaker in self._speakers.values():
+                        speaker.set_language(language)
+            case Leave(reason):
+                return reason
+            case _LingerExpired(generation):
+                if generation == self._linger_generation and not self._targets:
+                    return "no-targets"
+            case _LinkClosed(error):
+                return "link-closed" if error is None else "link-failed"
+            case _SpeakerEnded(session_id, speaker):
+                if self._speakers.get(session_id) is speaker:
+                    del self._speakers[session_id]
+                    self._admission.release()
+                    if session_id in self._wanted:
+                        # it failed while still in the call: ask for a fresh offer
+                        self._request_offer(session_id)
+                self._offer_to_waiting()
+            case ports.SessionMap(added, removed):
+                if self._targets.apply_mapping(added, removed):
+                    self._restart_linger(tasks)
+            case ports.SpeakerJoined(session_id):
+                self._wanted.add(session_id)
+                if session_id not in self._speakers:
+                    self._request_offer(session_id)
+            case ports.SpeakerLeft(session_id):
+                self._wanted.discard(session_id)
+                leaving = self._speakers.get(session_id)
+                if leaving is not None:
+                    leaving.close()
+            case ports.OfferReceived() as offer:
+                self._start_speaker(offer, tasks)
+            case ports.CandidateReceived() as candidate:
+                receiver = self._speakers.get(candidate.speaker)
+                if receiver is None:
+                    self.stats.events_skipped += 1
+                    log.debug("room %s: candidate for unknown speaker", _short(self.token))
+                else:
+                    receiver.add_candidate(candidate)
+            case ports.SessionReset():
+                self._targets.forget_mappings()
+                for speaker in self._speakers.values():
+                    speaker.close()
+            case ports.CallEnded():
+                return "call-ended"
+            case ports.LinkState(state):
+                self.link_state = state
+        return None
+
+    # --- speakers ---------------------------------------------------------------------------------
+    def _request_offer(self, session_id: str) -> None:
+        if self._link is None:
+            return
+        if not self._admission.can_admit(len(self._speakers)):
+            self.stats.speakers_refused += 1
+            log.warning(
+                "room %s: speaker %s not captioned: %s",
+                _short(self.token),
+                session_id,
+                self._admission.refusal_reason(len(self._speakers)),
+            )
+            return
+        self._link.request_offer(session_id)
+
+    def _offer_to_waiting(self) -> None:
+        for session_id in sorted(self.waiting_speakers):
+            if not self._admission.can_admit(len(self._speakers)):
+                return
+            if self._link is not None:
+                self._link.request_offer(session_id)
+
+    def _start_speaker(self, offer: ports.OfferReceived, tasks: asyncio.TaskGroup) -> None:
+        if self._link is None:
+            return
+        if offer.speaker not in self._wanted:
+            self.stats.events_skipped += 1
+            log.info("room %s: offer from %s, not a speaker: skipped", _short(self.token), offer.speaker)
+            return
+        old = self._speakers.pop(offer.speaker, None)
+        if old is not None:  # a new offer replaces the old connection
+            old.close()
+            self._admission.release()
+        elif not self._admission.can_admit(len(self._speakers)):
+            self.stats.speakers_refused += 1
+            log.warning("room %s: offer from %s refused: caps reached", _short(self.token), offer.speaker)
+            return
+        context = SpeakerContext(
+            room_token=self.token,
+            session_id=offer.speaker,
+            offer=offer,
+            language=self.language,
+            link=self._link,
+            publish=self._publish,
+        )
+        speaker = self._speaker_factory(context)
+        self._speakers[offer.speaker] = speaker
+        self._admission.acquire()
+        self.stats.speakers_started += 1
+        tasks.create_task(self._run_speaker(offer.speaker, speaker), name=f"speaker-{offer.speaker}")
+
+    async def _run_speaker(self, session_id: str, speaker: SpeakerSession) -> None:
+        try:
+            await speaker.run()
+        except Exception:
+            log.exception("room %s: speaker %s failed", _short(self.token), session_id)
+        finally:
+            # put_nowait: at room shutdown nobody reads the inbox any more and
+            # the speaker list is dropped with the room anyway
+            try:
+                self._inbox.put_nowait(_SpeakerEnded(session_id, speaker))
+            except asyncio.QueueFull:
+                log.warning("room %s: inbox full at speaker end", _short(self.token))
+                if self._speakers.get(session_id) is speaker:
+                    del self._speakers[session_id]
+                    self._admission.release()
+
+    def _publish(self, speaker: str, text: str, final: bool) -> None:
+        link = self._link
+        targets = self._targets.resolved()
+        if link is None or not targets:
+            self.stats.captions_without_target += 1
+            return
+        link.send_transcript(targets, speaker, text, final, self.language)
+        self.stats.captions_sent += 1
+
+    # --- lingering --------------------------------------------------------------------------------
+    def _restart_linger(self, tasks: asyncio.TaskGroup) -> None:
+        """Start the linger countdown when the last target is gone; stop it
+        when a target arrives."""
+        if self._targets:
+            if self._linger_task is not None:
+                self._linger_task.cancel()
+                self._linger_task = None
+        elif self._linger_task is None or self._linger_task.done():
+            self._linger_generation += 1
+            self._linger_task = tasks.create_task(self._linger(self._linger_generation))
+
+    async def _linger(self, generation: int) -> None:
+        await self._clock.sleep(self._linger_seconds)
+        await self._inbox.put(_LingerExpired(generation))
+
+
+def _short(token: str) -> str:
+    """Room tokens are semi-secret (they open the room): log a prefix only."""
+    return token[:4] + "…" if len(token) > 4 else token

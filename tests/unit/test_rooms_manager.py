@@ -1,0 +1,319 @@
+"""The Manager and Room lifecycle, driven through an in-memory link."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from live_transcription.clock import ManualClock
+from live_transcription.rooms import ports
+from live_transcription.rooms.admission import Admission
+from live_transcription.rooms.manager import (
+    CapacityReached,
+    Manager,
+    NoSuchRoom,
+    ProviderFailure,
+    UnsupportedLanguage,
+)
+from live_transcription.stt.base import Language
+from tests.fake_link import LinkFactory, SpeakerFactory
+from tests.waiting import until, wait_event
+
+LANGS = {"en": Language("en", "English"), "fr": Language("fr", "French")}
+TOKEN = "room-token-1"
+
+
+@dataclass
+class Env:
+    manager: Manager
+    links: LinkFactory
+    speakers: SpeakerFactory
+    clock: ManualClock
+    admission: Admission
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    links = LinkFactory()
+    speakers = SpeakerFactory()
+    clock = ManualClock()
+    admission = Admission(max_speakers=3, max_speakers_per_room=2)
+    manager = Manager(
+        link_factory=links,
+        speaker_factory=speakers,
+        languages=LANGS,
+        admission=admission,
+        linger_seconds=60,
+        clock=clock,
+        join_timeout=5,
+    )
+    async with manager:
+        yield Env(manager, links, speakers, clock, admission)
+
+
+async def test_first_enable_joins_and_captions_reach_resolved_targets(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True, "en")
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    await link.emit(ports.SessionMap(added={"talk-a": "hpb-a", "talk-x": "hpb-x"}))
+    await link.emit(ports.SpeakerJoined("hpb-s"))
+    await until(lambda: link.offers_requested == ["hpb-s"])
+    await link.emit(ports.OfferReceived("hpb-s", "sid-1", "v=0"))
+    await wait_event(env.speakers.started)
+    speaker = env.speakers.speakers[0]
+    await wait_event(speaker.running)
+    speaker.say("hello world", False)
+    speaker.say("Hello world.", True)
+    assert [(t.targets, t.text, t.final, t.language) for t in link.transcripts] == [
+        (["hpb-a"], "hello world", False, "en"),
+        (["hpb-a"], "Hello world.", True, "en"),
+    ]
+    assert link.transcripts[0].speaker == "hpb-s"
+
+
+async def test_target_waits_pending_until_its_mapping_arrives(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-late", True)
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    await until(lambda: room.pending_targets == {"talk-late"})
+    await link.emit(ports.SpeakerJoined("hpb-s"))
+    await link.emit(ports.OfferReceived("hpb-s", "sid", "v=0"))
+    await wait_event(env.speakers.started)
+    env.speakers.speakers[0].say("lost words", True)
+    assert link.transcripts == []
+    assert room.stats.captions_without_target == 1
+    await link.emit(ports.SessionMap(added={"talk-late": "hpb-late"}))
+    await until(lambda: not room.pending_targets)
+    env.speakers.speakers[0].say("now delivered", True)
+    assert [t.targets for t in link.transcripts] == [["hpb-late"]]
+
+
+async def test_disable_removes_one_target_only(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    await env.manager.transcribe(TOKEN, "talk-b", True)
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    await link.emit(ports.SessionMap(added={"talk-a": "hpb-a", "talk-b": "hpb-b"}))
+    await until(lambda: room.target_count == 2 and not room.pending_targets)
+    message = await env.manager.transcribe(TOKEN, "talk-a", False)
+    assert "disabled" in message
+    await until(lambda: room.target_count == 1)
+    assert not link.closed.is_set()
+    room._publish("hpb-s", "still here", True)
+    assert link.transcripts[-1].targets == ["hpb-b"]
+
+
+async def test_room_lingers_then_closes_after_last_target(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    await env.manager.transcribe(TOKEN, "talk-a", False)
+    await env.clock.wait_for_sleepers(1)
+    await env.clock.advance(59)
+    assert env.manager.room(TOKEN) is not None
+    assert not link.closed.is_set()
+    await env.clock.advance(2)
+    await wait_event(link.closed)
+    await until(lambda: env.manager.room(TOKEN) is None)
+    assert env.manager.rooms_closed == 1
+
+
+async def test_new_target_during_linger_keeps_the_room(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    await env.manager.transcribe(TOKEN, "talk-a", False)
+    await env.clock.wait_for_sleepers(1)
+    await env.clock.advance(30)
+    await env.manager.transcribe(TOKEN, "talk-b", True)
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    await until(lambda: room.target_count == 1)
+    await env.clock.advance(120)
+    assert not link.closed.is_set()
+    assert env.manager.room(TOKEN) is room
+
+
+async def test_target_leaving_the_room_counts_as_gone(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    await link.emit(ports.SessionMap(added={"talk-a": "hpb-a"}))
+    await link.emit(ports.SessionMap(removed=frozenset({"talk-a"})))
+    await until(lambda: room.target_count == 0)
+    await env.clock.wait_for_sleepers(1)
+    await env.clock.advance(61)
+    await wait_event(link.closed)
+
+
+async def test_leave_closes_at_once_and_closes_speakers(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    await link.emit(ports.SpeakerJoined("hpb-s"))
+    await link.emit(ports.OfferReceived("hpb-s", "sid", "v=0"))
+    await wait_event(env.speakers.started)
+    assert await env.manager.leave(TOKEN)
+    await wait_event(link.closed)
+    await wait_event(env.speakers.speakers[0].finished)
+    await until(lambda: env.manager.room(TOKEN) is None)
+    assert env.admission.active == 0
+    assert not await env.manager.leave(TOKEN)
+
+
+async def test_call_end_closes_the_room(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    await link.emit(ports.CallEnded())
+    await wait_event(link.closed)
+    await until(lambda: env.manager.room(TOKEN) is None)
+
+
+async def test_link_ending_closes_the_room(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    await link.end()
+    await wait_event(link.closed)
+    await until(lambda: env.manager.room(TOKEN) is None)
+
+
+async def test_language_checks_and_changes(env: Env) -> None:
+    with pytest.raises(UnsupportedLanguage):
+        await env.manager.transcribe(TOKEN, "talk-a", True, "xx")
+    assert env.manager.room(TOKEN) is None
+    assert env.links.links == {}
+    with pytest.raises(NoSuchRoom):
+        await env.manager.set_language(TOKEN, "fr")
+    await env.manager.transcribe(TOKEN, "talk-a", True, "en")
+    link = env.links.links[TOKEN]
+    await link.emit(ports.SpeakerJoined("hpb-s"))
+    await link.emit(ports.OfferReceived("hpb-s", "sid", "v=0"))
+    await wait_event(env.speakers.started)
+    with pytest.raises(UnsupportedLanguage):
+        await env.manager.set_language(TOKEN, "de")
+    await env.manager.set_language(TOKEN, "fr")
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    await until(lambda: room.language == "fr")
+    assert env.speakers.speakers[0].languages == ["en", "fr"]
+    room._targets.add("t")
+    room._targets.apply_mapping({"t": "hpb-t"}, frozenset())
+    room._publish("hpb-s", "bonjour", True)
+    assert link.transcripts[-1].language == "fr"
+
+
+async def test_hpb_unavailable_creates_nothing(env: Env) -> None:
+    env.links.fail = True
+    with pytest.raises(ports.HpbUnavailable):
+        await env.manager.transcribe(TOKEN, "talk-a", True)
+    await until(lambda: env.manager.room(TOKEN) is None)
+    env.links.fail = False
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    assert env.manager.room(TOKEN) is not None
+
+
+async def test_join_timeout_gives_up_and_leaves_nothing() -> None:
+    links = LinkFactory(hang=True)
+    manager = Manager(
+        link_factory=links,
+        speaker_factory=SpeakerFactory(),
+        languages=LANGS,
+        admission=Admission(max_speakers=1, max_speakers_per_room=1),
+        join_timeout=0.05,
+    )
+    async with manager:
+        with pytest.raises(ports.HpbUnavailable):
+            await manager.transcribe(TOKEN, "talk-a", True)
+        await until(lambda: manager.room(TOKEN) is None)
+        assert manager.rooms_closed == 1
+
+
+async def test_provider_failure_refuses_with_reason() -> None:
+    manager = Manager(
+        link_factory=LinkFactory(),
+        speaker_factory=SpeakerFactory(),
+        languages=LANGS,
+        admission=Admission(max_speakers=1, max_speakers_per_room=1),
+        provider_failure=lambda: "STT credentials rejected",
+    )
+    async with manager:
+        with pytest.raises(ProviderFailure, match="credentials"):
+            await manager.transcribe(TOKEN, "talk-a", True)
+        assert manager.room(TOKEN) is None
+
+
+async def test_room_cap() -> None:
+    manager = Manager(
+        link_factory=LinkFactory(),
+        speaker_factory=SpeakerFactory(),
+        languages=LANGS,
+        admission=Admission(max_speakers=1, max_speakers_per_room=1),
+        max_rooms=1,
+    )
+    async with manager:
+        await manager.transcribe("one", "talk-a", True)
+        with pytest.raises(CapacityReached):
+            await manager.transcribe("two", "talk-a", True)
+
+
+async def test_speaker_caps_refuse_then_admit_when_a_slot_frees(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    for sid in ("s1", "s2", "s3"):
+        await link.emit(ports.SpeakerJoined(sid))
+    await until(lambda: link.offers_requested == ["s1", "s2", "s3"])
+    for sid in ("s1", "s2", "s3"):
+        await link.emit(ports.OfferReceived(sid, "sid-" + sid, "v=0"))
+    await until(lambda: len(room.speaker_ids) == 2 and room.stats.speakers_refused >= 1)
+    assert room.speaker_ids == {"s1", "s2"}
+    assert room.waiting_speakers == {"s3"}
+    await link.emit(ports.SpeakerLeft("s1"))
+    await until(lambda: "s3" in link.offers_requested[3:])
+    await link.emit(ports.OfferReceived("s3", "sid-s3b", "v=0"))
+    await until(lambda: room.speaker_ids == {"s2", "s3"})
+    assert env.admission.active == 2
+
+
+async def test_offers_candidates_and_replacement(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    await link.emit(ports.OfferReceived("stranger", "sid", "v=0"))
+    await link.emit(ports.CandidateReceived("hpb-s", "sid", "candidate:1", "0", 0))
+    await until(lambda: room.stats.events_skipped == 2)
+    await link.emit(ports.SpeakerJoined("hpb-s"))
+    await link.emit(ports.OfferReceived("hpb-s", "sid-1", "v=0"))
+    await link.emit(ports.CandidateReceived("hpb-s", "sid-1", "candidate:1", "0", 0))
+    await until(lambda: len(env.speakers.speakers) == 1 and env.speakers.speakers[0].candidates != [])
+    first = env.speakers.speakers[0]
+    await link.emit(ports.OfferReceived("hpb-s", "sid-2", "v=0"))
+    await wait_event(first.finished)
+    await until(lambda: len(env.speakers.speakers) == 2)
+    await until(lambda: room.speaker_ids == {"hpb-s"})
+    assert env.admission.active == 1
+    await link.emit(ports.SessionReset())
+    await wait_event(env.speakers.speakers[1].finished)
+    await until(lambda: env.admission.active == 0)
+
+
+async def test_shutdown_leaves_every_room() -> None:
+    links = LinkFactory()
+    manager = Manager(
+        link_factory=links,
+        speaker_factory=SpeakerFactory(),
+        languages=LANGS,
+        admission=Admission(max_speakers=5, max_speakers_per_room=5),
+    )
+    async with manager:
+        for token in ("r1", "r2", "r3"):
+            await manager.transcribe(token, "talk", True)
+    assert all(link.closed.is_set() for link in links.links.values())
+    assert manager.rooms() == []
+    with pytest.raises(CapacityReached):
+        await manager.transcribe("r4", "talk", True)
