@@ -1,0 +1,86 @@
+"""Structured logs: one JSON object per line, repeats rate-limited.
+
+Fields: ``ts``, ``level``, ``component`` (the logger name below the package),
+``msg``, and any ``extra`` the caller adds (``room``, ``speaker``, ...).
+Secrets never reach here: settings hold them as ``SecretStr`` and callers
+log room tokens shortened. As a last line of defence, values of configured
+secrets are masked if they appear in a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if len(s) >= 4]
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        entry: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "component": record.name.removeprefix("live_transcription."),
+            "msg": message,
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.levelno >= logging.WARNING and getattr(record, "repeats", 0):
+            entry["repeats"] = record.repeats
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets the same (logger, template) through at most once per ``window``
+    seconds; the next one that passes says how many were held back."""
+
+    def __init__(self, window: float = 10.0, max_keys: int = 1024) -> None:
+        super().__init__()
+        self.window = window
+        self.max_keys = max_keys
+        self._seen: OrderedDict[tuple[str, object], tuple[float, int]] = OrderedDict()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.window:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        record.repeats = last[1] if last is not None else 0
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_keys:  # bounded like everything else
+            self._seen.popitem(last=False)
+        return True
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(secrets))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatLimiter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # third-party chatter stays at warning
+    for noisy in ("aiortc", "aioice", "websockets", "uvicorn.access", "httpx", "faster_whisper"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
