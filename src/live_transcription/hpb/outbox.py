@@ -90,7 +90,6 @@ class Outbox:
     ) -> None:
         if final:
             self._pending.pop(speaker, None)
-            self._last_partial.pop(speaker, None)
             self._queue_all(targets, speaker, text, True, language)
             return
         partial = _Partial(tuple(targets), text, language)
