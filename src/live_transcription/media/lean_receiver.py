@@ -1,0 +1,219 @@
+"""Every reach into aiortc's internals, in one place.
+
+Stock ``RTCRtpReceiver.receive`` starts a decoder thread per receiver and
+feeds it through an unbounded ``queue.Queue`` after a jitter buffer; measured
+~2 % of a core and ~1 MB per stream. We keep aiortc for ICE, DTLS and SRTP
+and take the Opus packets straight from RTP instead:
+
+* ``receive`` is overridden per instance: it records the negotiated codecs,
+  registers the receiver with the DTLS transport (so SRTP packets are routed
+  to it) and starts aiortc's own RTCP task (receiver reports), but starts no
+  decoder thread.
+* ``_handle_rtp_packet`` is overridden per instance: it feeds aiortc's
+  per-SSRC statistics (what the receiver reports need) and hands each packet,
+  inline on the event loop, to ``on_rtp`` as an ``OpusRtp``. No jitter
+  buffer, no queue, no thread.
+
+``RTCRtpReceiver.stop`` keeps working unchanged: it sees ``__started``,
+unregisters from the transport, finds no decoder thread to stop, and cancels
+the RTCP task we started.
+
+Private names relied on are listed in ``REQUIRED_RECEIVER_ATTRIBUTES``;
+``check_seam`` verifies them so an aiortc upgrade that moves them fails
+loudly (at the first peer, and in the unit tests) rather than silently
+falling back to a decoder thread per speaker. pyproject pins aiortc tightly
+for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import RTCRtpReceiver
+from aiortc.codecs import HEADER_EXTENSIONS
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpReceiveParameters
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.rtp import HeaderExtensions, RtpPacket
+
+from live_transcription.media.packet import OpusRtp
+
+logger = logging.getLogger(__name__)
+
+AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+
+# name-mangled private state of RTCRtpReceiver that this module reads or sets
+_CODECS = "_RTCRtpReceiver__codecs"
+_STARTED = "_RTCRtpReceiver__started"
+_RTCP_TASK = "_RTCRtpReceiver__rtcp_task"
+_REMOTE_STREAMS = "_RTCRtpReceiver__remote_streams"
+_DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
+
+REQUIRED_RECEIVER_ATTRIBUTES = (
+    _CODECS,
+    _STARTED,
+    _RTCP_TASK,
+    _REMOTE_STREAMS,
+    _DECODER_THREAD,
+    "_enabled",
+    "_run_rtcp",
+    "_handle_rtp_packet",
+    "receive",
+    "stop",
+    "transport",
+)
+
+_seam_checked = False
+
+
+class SeamBroken(RuntimeError):
+    """The installed aiortc no longer has the internals the lean receiver uses."""
+
+
+def check_seam(receiver: RTCRtpReceiver | None = None) -> None:
+    """Raise ``SeamBroken`` naming what is missing. With a receiver, check that
+    instance; else check a throwaway one built on a stub transport."""
+    missing = []
+    if receiver is not None:
+        missing += [name for name in REQUIRED_RECEIVER_ATTRIBUTES if not hasattr(receiver, name)]
+    for owner, name in (
+        (RTCDtlsTransport, "_register_rtp_receiver"),
+        (RTCDtlsTransport, "_unregister_rtp_receiver"),
+        (StreamStatistics, "add"),
+    ):
+        if not hasattr(owner, name):
+            missing.append(f"{owner.__name__}.{name}")
+    if not hasattr(HeaderExtensions(), "audio_level"):
+        missing.append("HeaderExtensions.audio_level")
+    if missing:
+        raise SeamBroken("aiortc internals used by media/lean_receiver.py are gone: " + ", ".join(missing))
+
+
+def ensure_audio_level_extension() -> None:
+    """Make aiortc offer/accept the RFC 6464 audio level for audio. aiortc
+    1.16 lists it already; older or newer lists may not. Idempotent."""
+    audio = HEADER_EXTENSIONS["audio"]
+    if any(ext.uri == AUDIO_LEVEL_URI for ext in audio):
+        return
+    # ids share one space across media kinds when bundled: take a free one
+    used = {ext.id for kind in HEADER_EXTENSIONS.values() for ext in kind}
+    free = next(i for i in range(1, 15) if i not in used)
+    audio.append(RTCRtpHeaderExtensionParameters(id=free, uri=AUDIO_LEVEL_URI))
+
+
+class LeanTap:
+    """The per-receiver replacement for aiortc's decode path. Counts what it
+    sees; the receiver only holds its bound methods, the tap holds the
+    receiver weakly, so there is no reference cycle to wait on."""
+
+    __slots__ = (
+        "__weakref__",
+        "_now",
+        "_on_rtp",
+        "_opus_types",
+        "_receiver",
+        "_warned",
+        "handler_errors",
+        "packets",
+        "unknown_payload",
+    )
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        on_rtp: Callable[[OpusRtp], None],
+        now: Callable[[], float],
+    ) -> None:
+        self._receiver: weakref.ref[RTCRtpReceiver] = weakref.ref(receiver)
+        self._on_rtp = on_rtp
+        self._now = now
+        self._opus_types: frozenset[int] = frozenset()
+        self._warned = False
+        self.packets = 0
+        self.unknown_payload = 0
+        self.handler_errors = 0
+
+    def detach(self) -> None:
+        """Stop handing packets to ``on_rtp`` and drop the reference to it."""
+        self._on_rtp = _ignore
+        self._opus_types = frozenset()
+
+    async def receive(self, parameters: RTCRtpReceiveParameters) -> None:
+        receiver = self._receiver()
+        if receiver is None or getattr(receiver, _STARTED):
+            return
+        codecs: dict[int, Any] = getattr(receiver, _CODECS)
+        opus_types = set()
+        for codec in parameters.codecs:
+            if codec.payloadType is None:
+                continue
+            codecs[codec.payloadType] = codec
+            if codec.mimeType.lower() == "audio/opus":
+                opus_types.add(codec.payloadType)
+        self._opus_types = frozenset(opus_types)
+        receiver.transport._register_rtp_receiver(receiver, parameters)
+        # aiortc's RTCP loop: receiver reports, and what stop() waits for
+        setattr(receiver, _RTCP_TASK, asyncio.ensure_future(receiver._run_rtcp()))
+        setattr(receiver, _STARTED, True)
+
+    async def handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        receiver = self._receiver()
+        if receiver is None or not receiver._enabled:
+            return
+        if packet.payload_type not in self._opus_types:
+            self.unknown_payload += 1
+            return
+        streams: dict[int, StreamStatistics] = getattr(receiver, _REMOTE_STREAMS)
+        stats = streams.get(packet.ssrc)
+        if stats is None:
+            stats = streams[packet.ssrc] = StreamStatistics(48_000)
+        stats.add(packet)
+        self.packets += 1
+        level = packet.extensions.audio_level
+        try:
+            self._on_rtp(
+                OpusRtp(
+                    packet.payload,
+                    packet.sequence_number,
+                    packet.timestamp,
+                    audio_level=None if level is None else level[1],
+                    arrival_time=self._now(),
+                    ssrc=packet.ssrc,
+                )
+            )
+        except Exception:
+            # an exception here would end aiortc's DTLS receive loop for good
+            self.handler_errors += 1
+            if not self._warned:
+                self._warned = True
+                logger.exception("RTP handler failed; packet skipped")
+
+
+def _ignore(packet: OpusRtp) -> None:
+    pass
+
+
+def install(receiver: RTCRtpReceiver, on_rtp: Callable[[OpusRtp], None], now: Callable[[], float]) -> LeanTap:
+    """Replace ``receiver``'s decode path with a ``LeanTap``. Call before the
+    connection starts receiving (before the local description is set)."""
+    global _seam_checked  # noqa: PLW0603 - checked once per process
+    if not _seam_checked:
+        check_seam(receiver)
+        _seam_checked = True
+    if getattr(receiver, _STARTED):
+        raise RuntimeError("the receiver already started: install the lean tap before")
+    tap = LeanTap(receiver, on_rtp, now)
+    # instance attributes shadow the class' methods for every caller,
+    # including the transport's packet router
+    receiver.receive = tap.receive  # type: ignore[method-assign]
+    receiver._handle_rtp_packet = tap.handle_rtp_packet  # type: ignore[method-assign]
+    return tap
+
+
+def decoder_thread_started(receiver: RTCRtpReceiver) -> bool:
+    """Whether aiortc's own decoder thread runs for ``receiver`` (it must not)."""
+    return getattr(receiver, _DECODER_THREAD, None) is not None
