@@ -101,7 +101,13 @@ class JanusBridge:
     # -- publishers
 
     async def add_publisher(
-        self, session_id: str, wav: Path, *, loop: bool = False, start_delay_s: float = 0.0
+        self,
+        session_id: str,
+        wav: Path,
+        *,
+        loop: bool = False,
+        start_delay_s: float = 0.0,
+        autoplay: bool = True,
     ) -> Publisher:
         """Publish `wav` as HPB session `session_id`; returns once Janus has the media."""
         if session_id in self._publishers:
@@ -113,6 +119,7 @@ class JanusBridge:
             display=session_id,
             loop=loop,
             start_delay_s=start_delay_s,
+            autoplay=autoplay,
         )
         await publisher.__aenter__()
         self._publishers[session_id] = publisher

@@ -2,8 +2,9 @@
 
 `WavAudioTrack` is an aiortc track that plays 16-bit PCM from memory in
 20 ms frames at 48 kHz, paced by the event loop clock: silence for
-`start_delay_s`, then the file once or in a loop, then silence (a browser in
-a call keeps sending packets too). aiortc adds the RFC 6464 audio-level
+`start_delay_s` (or until `play()` when `autoplay` is off), then the file
+once or in a loop, then silence (a browser in a call keeps sending packets
+too). aiortc adds the RFC 6464 audio-level
 header extension to what it sends.
 
 `Publisher` joins a room as `ptype: publisher` on an existing Janus session,
@@ -63,13 +64,13 @@ def write_wav(path: Path, samples: Pcm, rate: int = SAMPLE_RATE) -> None:
         wav.writeframes(samples.astype("<i2").tobytes())
 
 
-def frame_at(pcm: Pcm, index: int, *, start_delay_frames: int, loop: bool) -> Pcm:
-    """Samples of the 20 ms frame number `index` of the schedule (pure)."""
+def frame_at(pcm: Pcm, index: int, *, content_start: int | None, loop: bool) -> Pcm:
+    """Samples of the 20 ms frame number `index` when the file starts at frame
+    `content_start` (None: not yet) (pure)."""
     silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
-    content_frame = index - start_delay_frames
-    if content_frame < 0 or len(pcm) == 0:
+    if content_start is None or index < content_start or len(pcm) == 0:
         return silence
-    start = content_frame * FRAME_SAMPLES
+    start = (index - content_start) * FRAME_SAMPLES
     if loop:
         start %= len(pcm)
         chunk = pcm[start : start + FRAME_SAMPLES]
@@ -85,15 +86,24 @@ def frame_at(pcm: Pcm, index: int, *, start_delay_frames: int, loop: bool) -> Pc
 class WavAudioTrack(MediaStreamTrack):
     kind = "audio"
 
-    def __init__(self, pcm: Pcm, *, loop: bool = False, start_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, pcm: Pcm, *, loop: bool = False, start_delay_s: float = 0.0, autoplay: bool = True
+    ) -> None:
         super().__init__()
         self._pcm = pcm
         self._looping = loop
         self._delay_frames = round(start_delay_s * SAMPLE_RATE / FRAME_SAMPLES)
+        self._content_start: int | None = self._delay_frames if autoplay else None
         self._content_frames = -(-len(pcm) // FRAME_SAMPLES)
         self._index = 0
         self._start: float | None = None
         self.finished = asyncio.Event()  # set when a play-once file has been sent
+        self.frames_sent = 0
+
+    def play(self) -> None:
+        """Start the file `start_delay_s` after the next frame (autoplay off)."""
+        if self._content_start is None:
+            self._content_start = self._index + self._delay_frames
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -105,13 +115,15 @@ class WavAudioTrack(MediaStreamTrack):
             # Real-time pacing of the media clock, as a microphone would.
             due = self._start + self._index * FRAME_SAMPLES / SAMPLE_RATE
             await asyncio.sleep(max(0.0, due - clock.time()))
-        samples = frame_at(self._pcm, self._index, start_delay_frames=self._delay_frames, loop=self._looping)
+        samples = frame_at(self._pcm, self._index, content_start=self._content_start, loop=self._looping)
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = SAMPLE_RATE
         frame.pts = self._index * FRAME_SAMPLES
         frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
         self._index += 1
-        if not self._looping and self._index >= self._delay_frames + self._content_frames:
+        self.frames_sent = self._index
+        start = self._content_start
+        if not self._looping and start is not None and self._index >= start + self._content_frames:
             self.finished.set()
         return frame
 
@@ -128,12 +140,13 @@ class Publisher:
         display: str = "",
         loop: bool = False,
         start_delay_s: float = 0.0,
+        autoplay: bool = True,
         connect_deadline_s: float = 30.0,
     ) -> None:
         self._janus = janus
         self.room = room
         self.display = display
-        self.track = WavAudioTrack(load_wav(wav), loop=loop, start_delay_s=start_delay_s)
+        self.track = WavAudioTrack(load_wav(wav), loop=loop, start_delay_s=start_delay_s, autoplay=autoplay)
         self._connect_deadline_s = connect_deadline_s
         self._pc: RTCPeerConnection | None = None
         self._handle: JanusHandle | None = None
