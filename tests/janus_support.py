@@ -28,6 +28,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from live_transcription.sim.bridge import JanusBridge
+from live_transcription.sim.janus import JanusClient
 from live_transcription.sim.janus_process import JanusProcess, janus_available
 from live_transcription.sim.publisher import SAMPLE_RATE, write_wav
 
@@ -178,3 +179,8 @@ async def receive_audio(
         return out
     finally:
         await pc.close()
+
+
+async def wait_closed(client: JanusClient, deadline_s: float = 30.0) -> None:
+    async with asyncio.timeout(deadline_s):
+        await client.closed.wait()

@@ -49,19 +49,22 @@ class JanusInstallation:
     transports_dir: Path
 
 
-def find_janus() -> JanusInstallation:
+def find_janus(
+    binary: Path | None = None, module_dirs: tuple[Path, ...] = DEBIAN_MODULE_DIRS
+) -> JanusInstallation:
     """Locate the janus binary and the directory holding its modules."""
-    found = shutil.which("janus")
-    binary = Path(found) if found else Path("/usr/bin/janus")
+    if binary is None:
+        found = shutil.which("janus")
+        binary = Path(found) if found else Path("/usr/bin/janus")
     if not binary.is_file():
-        raise JanusNotInstalled("the janus binary is not installed (Debian package `janus`)")
-    for base in DEBIAN_MODULE_DIRS:
+        raise JanusNotInstalled(f"the janus binary is not installed at {binary} (Debian package `janus`)")
+    for base in module_dirs:
         plugins, transports = base / "plugins", base / "transports"
         if (plugins / VIDEOROOM_LIBRARY).exists() and (transports / WEBSOCKETS_LIBRARY).exists():
             return JanusInstallation(binary, plugins, transports)
     raise JanusNotInstalled(
         f"janus is at {binary} but {VIDEOROOM_LIBRARY}/{WEBSOCKETS_LIBRARY} were not found "
-        f"under any of {', '.join(str(d) for d in DEBIAN_MODULE_DIRS)}"
+        f"under any of {', '.join(str(d) for d in module_dirs)}"
     )
 
 
@@ -242,6 +245,14 @@ class JanusProcess:
         tb: TracebackType | None,
     ) -> None:
         await self._stop()
+
+    async def stop(self) -> None:
+        """Stop Janus now (idempotent; exiting the context does it too)."""
+        await self._stop()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
 
     async def _start(self, install: JanusInstallation, root: Path) -> None:
         last_error = ""
