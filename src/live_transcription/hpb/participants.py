@@ -53,9 +53,7 @@ class ParticipantsState:
 
     def _relevant(self, participant: Participant) -> bool:
         return not (
-            participant.internal
-            or participant.virtual
-            or participant.session_id == self.own_session_id
+            participant.internal or participant.virtual or participant.session_id == self.own_session_id
         )
 
     def apply(self, update: ParticipantsUpdate) -> list[CallEvent]:
@@ -90,9 +88,7 @@ class ParticipantsState:
         """Switch to ``entries`` and return what changed, in a stable order:
         speakers that left, the mapping delta, speakers that joined."""
         speakers = {sid for sid, e in entries.items() if is_speaker(e.in_call)}
-        mapping = {
-            e.nextcloud_session_id: sid for sid, e in entries.items() if e.nextcloud_session_id
-        }
+        mapping = {e.nextcloud_session_id: sid for sid, e in entries.items() if e.nextcloud_session_id}
         events: list[CallEvent] = [SpeakerLeft(sid) for sid in sorted(self._speakers - speakers)]
         added = {nc: sid for nc, sid in mapping.items() if self._mapping.get(nc) != sid}
         removed = frozenset(self._mapping.keys() - mapping.keys())

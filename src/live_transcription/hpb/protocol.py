@@ -45,9 +45,7 @@ def new_random() -> str:
     return secrets.token_hex(32)
 
 
-def hello(
-    msg_id: str, *, secret: str, backend: str, version: str = "2.0", random: str | None = None
-) -> Json:
+def hello(msg_id: str, *, secret: str, backend: str, version: str = "2.0", random: str | None = None) -> Json:
     if version not in HELLO_VERSIONS:
         raise ValueError(f"unsupported hello version {version!r}")
     rnd = random if random is not None else new_random()
@@ -134,9 +132,7 @@ def candidate(
     )
 
 
-def transcript(
-    msg_id: str, target: str, *, speaker: str, text: str, final: bool, language: str
-) -> Json:
+def transcript(msg_id: str, target: str, *, speaker: str, text: str, final: bool, language: str) -> Json:
     return _to_session(
         msg_id,
         target,

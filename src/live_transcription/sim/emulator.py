@@ -505,8 +505,8 @@ class HpbEmulator:
         await self._room_event(token, "join", [self._join_entry(session)], exclude=session.session_id)
         users = {"roomid": token, "users": [m.entry() for m in members]}
         await self._send(session, _participants_event(users))
-        if session.in_call:
-            await self._participants_changed(token, [session], exclude=session.session_id)
+        # Nextcloud tells the room about the new participant (as the real backend does)
+        await self._participants_changed(token, [session], exclude=session.session_id)
 
     async def _internal(self, session: _Session, msg_id: object, body: Json) -> None:
         incall = body.get("incall")
