@@ -394,3 +394,21 @@ async def test_close_says_bye_and_leaves_nothing_behind(hpb: HpbEmulator) -> Non
     assert link.session_id is None
     assert asyncio.all_tasks() == before
     assert [e async for e in link.events()][-1:] == [ports.LinkState("closed")]
+
+
+async def test_too_many_requests_backs_off_longer(hpb: HpbEmulator) -> None:
+    clock = RecordingClock()
+    async with factory(hpb, clock=clock, backoff_base=0.5, backoff_cap=30.0)(ROOM) as link:
+        events = Events(link)
+        own = link.session_id
+        assert own is not None
+        hpb.hello_error = "too_many_requests"
+        hpb.drop(own)
+        await events.until(lambda e: e == ports.LinkState("reconnecting"))
+        await clock.wait_for_sleepers(1)
+        # without the penalty the first delay would be at most 0.5 s
+        assert 0.5 * 2**3 / 2 <= clock.sleeps[0] <= 0.5 * 2**3
+        hpb.hello_error = None
+        await clock.advance(clock.sleeps[0])
+        await events.until(lambda e: e == ports.LinkState("connected"))
+        assert link.session_id == own and link.resumes == 1

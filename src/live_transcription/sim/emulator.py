@@ -126,6 +126,7 @@ class HpbEmulator:
         self.auto_create_rooms = auto_create_rooms
         # fault knobs
         self.refuse_resume = False
+        self.hello_error: str | None = None  # e.g. "too_many_requests": refuse every hello
         self.reply_delay = 0.0
         self.accept_clients = True
         self._server: Server | None = None
@@ -365,6 +366,9 @@ class HpbEmulator:
         version = body.get("version")
         if version not in ("1.0", "2.0"):
             await self._reply(ws, _error(msg_id, "invalid_hello_version", "unsupported version"))
+            return None
+        if self.hello_error is not None:
+            await self._reply(ws, _error(msg_id, self.hello_error, "refused by a test knob"))
             return None
         if "resumeid" in body:
             return await self._resume(ws, msg_id, body["resumeid"], version)
