@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from live_transcription.sim.bridge import JanusBridge
 from live_transcription.sim.janus import JanusError
+from live_transcription.sim.publisher import SAMPLE_RATE, load_wav
 from tests.janus_support import (  # noqa: F401 (fixtures)
     bridge_fixture,
     chirp,
@@ -158,3 +163,27 @@ async def test_a_second_request_for_the_same_pair_replaces_the_first(
     assert list(janus_bridge.subscriptions) == [second_sid]
     with pytest.raises(JanusError):
         await first_handle.message({"request": "listparticipants", "room": janus_bridge.room})
+
+
+async def test_espeak_speech_passes_through_janus(janus_bridge: JanusBridge, tmp_path: Path) -> None:
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        reason = "SPEECH TEST SKIPPED: espeak-ng is not installed (`apt-get install espeak-ng`)"
+        print(f"\n{reason}", file=sys.stderr)
+        pytest.skip(reason)
+    wav = tmp_path / "speech.wav"  # 22.05 kHz: the publisher resamples to 48 kHz
+    proc = await asyncio.create_subprocess_exec(espeak, "-w", str(wav), "Captions for everyone in the call")
+    assert await proc.wait() == 0
+    source = load_wav(wav).astype(np.float64) / 32768.0
+    assert len(source) < 2.5 * SAMPLE_RATE  # one loop must fit in what is received
+    # The loudest half second of the utterance is the pattern to find.
+    half = SAMPLE_RATE // 2
+    energy = np.convolve(source * source, np.ones(half), mode="valid")
+    start = int(np.argmax(energy))
+    template = source[start : start + half]
+    await janus_bridge.add_publisher("speaker-a", wav, loop=True)
+
+    audio = await receive_audio(janus_bridge, "bot", "speaker-a", seconds=3.0)
+
+    assert ncc_peak(audio, template) > MATCH
+    assert ncc_peak(audio, chirp(*UP)) < MISMATCH
