@@ -24,7 +24,16 @@ from live_transcription.sim.janus import (
     plugin_result,
     success_id,
 )
-from live_transcription.sim.janus_process import JanusNotInstalled, JanusProcess, find_janus
+from live_transcription.sim.janus_process import (
+    VIDEOROOM_LIBRARY,
+    WEBSOCKETS_LIBRARY,
+    JanusConfig,
+    JanusInstallation,
+    JanusNotInstalled,
+    JanusProcess,
+    find_janus,
+    write_config_dir,
+)
 from live_transcription.sim.publisher import FRAME_SAMPLES, frame_at
 from tests.janus_support import janus_fixture  # noqa: F401 (fixture)
 from tests.waiting import until
@@ -115,6 +124,29 @@ def test_find_janus_names_what_is_missing(tmp_path: Path) -> None:
     fake.write_text("")
     with pytest.raises(JanusNotInstalled, match="libjanus_videoroom"):
         find_janus(binary=fake, module_dirs=(tmp_path,))
+
+
+def test_config_dir_holds_only_videoroom_websockets_and_ecdsa(tmp_path: Path) -> None:
+    modules = tmp_path / "modules"
+    for sub, name in (("plugins", VIDEOROOM_LIBRARY), ("transports", WEBSOCKETS_LIBRARY)):
+        (modules / sub).mkdir(parents=True)
+        (modules / sub / name).write_text("")
+        (modules / sub / "libjanus_other.so").write_text("")
+    install = JanusInstallation(tmp_path / "janus", modules / "plugins", modules / "transports")
+    root = tmp_path / "cfg"
+    root.mkdir()
+
+    main = write_config_dir(JanusConfig(ws_port=12345), root, install)
+
+    assert [p.name for p in (root / "plugins").iterdir()] == [VIDEOROOM_LIBRARY]
+    assert [p.name for p in (root / "transports").iterdir()] == [WEBSOCKETS_LIBRARY]
+    core = main.read_text()
+    assert "rsa_private_key = false" in core
+    assert "cert_pem =" not in core
+    ws = (root / "janus.transport.websockets.jcfg").read_text()
+    assert 'ws_ip = "127.0.0.1"' in ws
+    assert "ws_port = 12345" in ws
+    assert "admin_ws = false" in ws
 
 
 def test_missing_janus_skips_loudly(

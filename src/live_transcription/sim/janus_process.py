@@ -3,8 +3,9 @@
 `JanusProcess` writes a minimal configuration into a temporary directory
 (VideoRoom plugin and WebSocket transport only, WebSocket bound to
 127.0.0.1 on a free port, no HTTP or admin transport, an auto-generated
-ECDSA DTLS certificate because aiortc cannot complete DTLS with Janus' RSA
-one), starts `janus` as a subprocess, waits until its WebSocket port accepts
+ECDSA DTLS certificate: aiortc offers only ECDHE-ECDSA ciphers, so with an
+RSA certificate every subscriber handshake, where Janus is the DTLS server,
+fails with "no shared cipher"), starts `janus` as a subprocess, waits until its WebSocket port accepts
 connections, and stops it on exit. It never touches a system Janus service.
 """
 
@@ -91,10 +92,12 @@ class JanusConfig:
 
     ws_port: int
     ws_host: str = "127.0.0.1"
-    # Interfaces/addresses Janus gathers ICE candidates on; None means all
-    # (except VMware's). aiortc never offers 127.0.0.1 candidates, so forcing
-    # loopback only would still work (Linux routes to 127.0.0.1 from any
-    # local address) but is not needed.
+    # Interfaces/addresses Janus gathers ICE candidates on; None means all but
+    # VMware's. Loopback-only candidates are not possible: libnice never
+    # gathers on `lo` (Janus 1.1.2 with `ice_enforce_list = "lo"` or
+    # "127.0.0.1" falls back to every interface, IPv6 included), and aiortc
+    # skips 127.0.0.1 too. Host candidates on the machine's own address work:
+    # the traffic never leaves the host.
     ice_enforce_list: str | None = None
     debug_level: int = 4
     session_timeout_s: int = 60
