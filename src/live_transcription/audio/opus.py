@@ -77,9 +77,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.opus_decoder_create.restype = ctypes.c_void_p
     lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
     lib.opus_decoder_destroy.restype = None
+    # packets go in as c_char_p: bytes pass straight through, no copy, and
+    # libopus only reads them
     lib.opus_decode_float.argtypes = [
         ctypes.c_void_p,
-        _c_ubyte_p,
+        ctypes.c_char_p,
         ctypes.c_int32,
         _c_float_p,
         ctypes.c_int,
@@ -89,7 +91,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     # variadic: argtypes left open, so callers wrap every argument (a bare int
     # would be passed as a 32-bit C int and truncate the state pointer)
     lib.opus_decoder_ctl.restype = ctypes.c_int
-    lib.opus_packet_get_nb_samples.argtypes = [_c_ubyte_p, ctypes.c_int32, ctypes.c_int32]
+    lib.opus_packet_get_nb_samples.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32]
     lib.opus_packet_get_nb_samples.restype = ctypes.c_int
     lib.opus_encoder_create.argtypes = [
         ctypes.c_int32,
@@ -139,11 +141,6 @@ def _strerror(code: int) -> str:
     return raw.decode() if raw else "unknown error"
 
 
-def _as_ubyte(data: bytes) -> ctypes._Pointer[ctypes.c_ubyte]:
-    # ctypes passes bytes as a read-only char*; libopus only reads the packet.
-    return ctypes.cast(ctypes.c_char_p(data), _c_ubyte_p)
-
-
 class OpusDecoder:
     """One libopus decoder at 24 kHz mono. Single owner, not thread-safe.
 
@@ -172,9 +169,7 @@ class OpusDecoder:
         if data is None:
             count = libopus().opus_decode_float(self._state, None, 0, self._out_p, frame_size, 0)
         else:
-            count = libopus().opus_decode_float(
-                self._state, _as_ubyte(data), len(data), self._out_p, frame_size, fec
-            )
+            count = libopus().opus_decode_float(self._state, data, len(data), self._out_p, frame_size, fec)
         if count < 0:
             raise OpusError(count, "opus_decode_float")
         return self._out[:count]
@@ -227,7 +222,7 @@ def packet_samples(packet: bytes, rate: int = DECODE_RATE) -> int:
     packet's table of contents is invalid."""
     if not packet:
         raise OpusError(-4, "empty packet")
-    count: int = libopus().opus_packet_get_nb_samples(_as_ubyte(packet), len(packet), rate)
+    count: int = libopus().opus_packet_get_nb_samples(packet, len(packet), rate)
     if count < 0:
         raise OpusError(count, "opus_packet_get_nb_samples")
     return count
