@@ -129,3 +129,13 @@ class SttEngine(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing
         """Release shared resources (model, worker pool) at shutdown."""
+
+    def failure(self) -> str | None:
+        """Why the engine cannot work at all right now (e.g. the server
+        rejected the credentials), or None. Health reports it and Talk gets
+        HTTP 550 while it lasts."""
+        return None
+
+    def ready(self) -> bool:
+        """False while the engine is still starting (e.g. loading a model)."""
+        return True
