@@ -1,0 +1,544 @@
+"""The load generator: HPB emulator + an SFU made of direct aiortc peers.
+
+Run as its own process (``python -m bench.loadgen``), driven by the harness
+over stdin/stdout, one JSON object per line. It holds:
+
+* a ``MeasuringEmulator``: the HPB emulator, which also timestamps every
+  transcript message the service sends (the moment it arrives at the HPB);
+* a ``DirectBridge``: the emulator's ``MediaBridge``. It is the SFU itself:
+  for each ``requestoffer`` it creates a send-only aiortc peer connection
+  whose audio comes from a pre-encoded ``Pattern`` (no Janus: one Janus
+  would be the bottleneck at hundreds of streams, and its cost would be
+  mixed into the figures). Sending costs no encoding: aiortc's sender is
+  handed the Opus payloads and only packetizes, encrypts and sends them;
+* a ``Ticker``: one timer for every stream (20 ms split into phases so the
+  streams are spread over the period), instead of one sleep per stream;
+* a stub of Nextcloud's signaling-settings route (no STUN/TURN) for the
+  service's ICE server lookup.
+
+Commands (``{"id": n, "cmd": ...}``, answered with ``{"id": n, ...}``):
+``room`` (create a room with one caption target), ``speakers`` (add
+publishers in call with audio), ``remove`` (participants leave),
+``end_room``, ``wait_connected``, ``stats`` and ``quit``. The process stops by
+itself on ``quit``, on end of input (the harness went away) or after
+``--max-seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpsender import RTCEncodedFrame
+
+from bench.latency import SendLog, WordLatency, WordMap
+from bench.patterns import PACKET_MS, PACKET_SAMPLES, Pattern, build_pattern
+from live_transcription.hpb.protocol import IN_CALL, WITH_AUDIO
+from live_transcription.sim.emulator import HpbEmulator
+
+log = logging.getLogger("bench.loadgen")
+
+Json = dict[str, Any]
+SPEAKER_FLAGS = IN_CALL | WITH_AUDIO | 4  # in call, audio, video (a browser's 7)
+TARGET_FLAGS = IN_CALL | WITH_AUDIO
+
+
+# --- pacing -----------------------------------------------------------------------------
+
+
+class Ticker:
+    """One timer for all streams: every ``PACKET_MS / phases`` a tick; a stream
+    waits for the ticks of its phase, so it sends every 20 ms and the streams
+    are spread over the period. Lateness of the timer itself is recorded:
+    it shows whether the generator kept up."""
+
+    def __init__(self, phases: int = 4) -> None:
+        self.phases = phases
+        self.step = PACKET_MS / 1000 / phases
+        self._events = [asyncio.Event() for _ in range(phases)]
+        self._loop = asyncio.get_running_loop()
+        self._start = self._loop.time()
+        self.tick = 0
+        self.skipped = 0
+        self.lag_max = 0.0
+        self.lag_over_5ms = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._start = self._loop.time()
+        self._handle = self._loop.call_at(self._start + self.step, self._fire)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        for event in self._events:
+            event.set()
+
+    def reset_stats(self) -> None:
+        self.skipped = 0
+        self.lag_max = 0.0
+        self.lag_over_5ms = 0
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        self.tick += 1
+        lag = now - (self._start + self.tick * self.step)
+        if lag > self.step:
+            missed = int(lag / self.step)
+            self.tick += missed
+            self.skipped += missed
+            lag -= missed * self.step
+        self.lag_max = max(self.lag_max, lag)
+        if lag > 0.005:
+            self.lag_over_5ms += 1
+        phase = self.tick % self.phases
+        event = self._events[phase]
+        self._events[phase] = asyncio.Event()
+        event.set()
+        self._handle = self._loop.call_at(self._start + (self.tick + 1) * self.step, self._fire)
+
+    async def wait(self, phase: int) -> None:
+        await self._events[phase % self.phases].wait()
+
+
+# --- one stream -------------------------------------------------------------------------
+
+
+class PatternTrack(MediaStreamTrack):
+    """An audio track that loops pre-encoded packets, paced by the ticker.
+    Its sender is patched (``attach``) to take the payloads as they are."""
+
+    kind = "audio"
+
+    def __init__(self, pattern: Pattern, offset: int, ticker: Ticker, phase: int) -> None:
+        super().__init__()
+        self.pattern = pattern
+        self.offset = offset
+        self._ticker = ticker
+        self._phase = phase
+        self.log = SendLog()
+
+    async def recv(self) -> Any:
+        raise MediaStreamError("PatternTrack is read through its sender's patched encoder step")
+
+    async def next_frame(self, codec: object) -> RTCEncodedFrame | None:
+        """Stands in for ``RTCRtpSender._next_encoded_frame``: no encoder, the
+        payload goes out as it is, with its audio level extension."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self._ticker.wait(self._phase)
+        if self.readyState != "live":
+            raise MediaStreamError
+        index = self.log.record(time.monotonic())
+        position = (self.offset + index) % self.pattern.period
+        # aiortc writes the extension as -audio_level: pass the level negated
+        return RTCEncodedFrame(
+            [self.pattern.payloads[position]],
+            index * PACKET_SAMPLES,
+            -self.pattern.levels[position],
+        )
+
+
+@dataclass(eq=False)
+class Subscription:
+    sid: str
+    subscriber: str
+    publisher: str
+    pc: RTCPeerConnection
+    track: PatternTrack
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSpec:
+    pattern: Pattern
+    offset: int
+
+
+class DirectBridge:
+    """``MediaBridge`` for the emulator: every subscription is a direct,
+    send-only aiortc peer connection. One owner (the loadgen's loop)."""
+
+    def __init__(self, ticker: Ticker) -> None:
+        self._ticker = ticker
+        self._publishers: dict[str, PublisherSpec] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+        self._by_publisher: dict[str, Subscription] = {}
+        self._sids = (f"direct-{n}" for n in itertools.count(1))
+        self._phases = itertools.count()
+        self.candidates_ignored = 0
+        self.offers = 0
+        self.closed = 0
+
+    @property
+    def subscriptions(self) -> dict[str, Subscription]:
+        return self._subscriptions
+
+    def add_publisher(self, session_id: str, pattern: Pattern, offset: int) -> None:
+        self._publishers[session_id] = PublisherSpec(pattern, offset)
+
+    async def remove_publisher(self, session_id: str) -> None:
+        self._publishers.pop(session_id, None)
+        for sub in [s for s in self._subscriptions.values() if s.publisher == session_id]:
+            await self._close(sub)
+
+    def subscription_of(self, publisher: str) -> Subscription | None:
+        return self._by_publisher.get(publisher)
+
+    def connected(self) -> int:
+        return sum(1 for s in self._subscriptions.values() if s.pc.connectionState == "connected")
+
+    async def request_offer(self, subscriber: str, publisher: str) -> tuple[str, str]:
+        spec = self._publishers.get(publisher)
+        if spec is None:
+            raise LookupError(f"session {publisher} publishes no media")
+        for old in [
+            s for s in self._subscriptions.values() if s.subscriber == subscriber and s.publisher == publisher
+        ]:
+            await self._close(old)
+        pc = RTCPeerConnection()
+        track = PatternTrack(spec.pattern, spec.offset, self._ticker, next(self._phases))
+        sender = pc.addTrack(track)
+        # instance attribute shadows the method for aiortc's own send loop
+        sender._next_encoded_frame = track.next_frame  # type: ignore[method-assign]
+        await pc.setLocalDescription(await pc.createOffer())
+        sid = next(self._sids)
+        sub = Subscription(sid, subscriber, publisher, pc, track)
+        self._subscriptions[sid] = sub
+        self._by_publisher[publisher] = sub
+        self.offers += 1
+        return sid, pc.localDescription.sdp
+
+    def _find(self, subscriber: str, publisher: str, sid: str) -> Subscription:
+        sub = self._subscriptions.get(sid)
+        if sub is None or sub.subscriber != subscriber or sub.publisher != publisher:
+            raise LookupError(f"no subscription {sid} of {subscriber} to {publisher}")
+        return sub
+
+    async def answer(self, subscriber: str, publisher: str, sid: str, sdp: str) -> None:
+        sub = self._find(subscriber, publisher, sid)
+        await sub.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+
+    async def candidate(
+        self, subscriber: str, publisher: str, sid: str, candidate: dict[str, object]
+    ) -> None:
+        # aiortc puts all its candidates into the answer SDP already; the
+        # trickled copies add nothing on loopback
+        self.candidates_ignored += 1
+
+    async def close_subscriber(self, subscriber: str) -> None:
+        for sub in [s for s in self._subscriptions.values() if s.subscriber == subscriber]:
+            await self._close(sub)
+
+    async def _close(self, sub: Subscription) -> None:
+        self._subscriptions.pop(sub.sid, None)
+        if self._by_publisher.get(sub.publisher) is sub:
+            del self._by_publisher[sub.publisher]
+        self.closed += 1
+        sub.track.stop()
+        with contextlib.suppress(Exception):
+            await sub.pc.close()
+
+    async def aclose(self) -> None:
+        for sub in list(self._subscriptions.values()):
+            await self._close(sub)
+
+
+# --- the HPB emulator, measuring -----------------------------------------------------------
+
+
+class MeasuringEmulator(HpbEmulator):
+    """The emulator, timestamping each transcript message as it arrives."""
+
+    def __init__(self, *args: Any, on_transcript: Callable[[float, Json], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_transcript = on_transcript
+
+    async def _message(self, session: Any, msg_id: object, body: Json) -> None:
+        data = body.get("data")
+        if isinstance(data, dict) and data.get("type") == "transcript":
+            self._on_transcript(time.monotonic(), data)
+        await super()._message(session, msg_id, body)
+
+
+# --- the process -------------------------------------------------------------------------------
+
+
+@dataclass
+class Counters:
+    transcripts: int = 0
+    transcripts_unknown_speaker: int = 0
+    words_seen: int = 0
+
+
+class LoadGenerator:
+    def __init__(self, internal_secret: str, word_map: WordMap | None, patterns: dict[str, Pattern]) -> None:
+        self.internal_secret = internal_secret
+        self.patterns = patterns
+        self.word_latency = WordLatency(word_map) if word_map is not None else None
+        self.counters = Counters()
+        self._speaker_kind: dict[str, str] = {}
+        self._rooms: dict[str, list[str]] = {}
+        self._names = itertools.count(1)
+        self._ticker: Ticker | None = None
+        self._bridge: DirectBridge | None = None
+        self._emulator: MeasuringEmulator | None = None
+        self.nextcloud_port = 0
+
+    @property
+    def bridge(self) -> DirectBridge:
+        assert self._bridge is not None
+        return self._bridge
+
+    @property
+    def emulator(self) -> MeasuringEmulator:
+        assert self._emulator is not None
+        return self._emulator
+
+    def _transcript(self, arrived: float, data: Json) -> None:
+        self.counters.transcripts += 1
+        speaker = data.get("speakerSessionId")
+        text = data.get("message")
+        if not isinstance(speaker, str) or not isinstance(text, str):
+            return
+        sub = self.bridge.subscription_of(speaker)
+        if sub is None or self.word_latency is None:
+            self.counters.transcripts_unknown_speaker += sub is None
+            return
+        self.counters.words_seen += self.word_latency.on_transcript(
+            speaker,
+            text,
+            final=data.get("final") is not False,
+            arrived=arrived,
+            log=sub.track.log,
+            offset=sub.track.offset,
+        )
+
+    async def run(self, max_seconds: float) -> None:
+        self._ticker = Ticker()
+        self._ticker.start()
+        self._bridge = DirectBridge(self._ticker)
+        runner = web.AppRunner(_nextcloud_stub())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = getattr(site, "_server", None)
+        assert server is not None and server.sockets
+        self.nextcloud_port = server.sockets[0].getsockname()[1]
+        backend = f"http://127.0.0.1:{self.nextcloud_port}"
+        try:
+            emulator = MeasuringEmulator(
+                self.internal_secret,
+                backend,
+                bridge=self._bridge,
+                recording_limit=1000,
+                on_transcript=self._transcript,
+            )
+            self._emulator = emulator
+            async with emulator:
+                ready = {"hpb_port": emulator.port, "nextcloud_url": backend, "pid": os.getpid()}
+                _emit({"ready": True} | ready)
+                async with asyncio.timeout(max_seconds):
+                    await self._serve_commands()
+        except TimeoutError:
+            log.warning("loadgen: --max-seconds reached, stopping")
+        finally:
+            await self._bridge.aclose()
+            self._ticker.stop()
+            await runner.cleanup()
+
+    async def _serve_commands(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            line = await reader.readline()
+            if not line:
+                return  # the harness went away
+            try:
+                command = json.loads(line)
+                if not isinstance(command, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                _emit({"error": f"bad command: {exc}"})
+                continue
+            reply: Json = {"id": command.get("id")}
+            try:
+                result = await self._handle(command)
+            except Exception as exc:  # a bad command must not stop the generator
+                log.exception("command %s failed", command.get("cmd"))
+                reply["error"] = repr(exc)
+            else:
+                if result is None:
+                    _emit(reply | {"ok": True})
+                    return
+                reply |= result
+            _emit(reply)
+
+    async def _handle(self, command: Json) -> Json | None:
+        cmd = command.get("cmd")
+        if cmd == "quit":
+            return None
+        if cmd == "room":
+            token = str(command["token"])
+            target_nc = f"nc-target-{token}"
+            self.emulator.create_room(token)
+            await self.emulator.add_participant(
+                token, nextcloud_session_id=target_nc, in_call=TARGET_FLAGS, user_id=f"target-{token}"
+            )
+            self._rooms.setdefault(token, [])
+            return {"target": target_nc}
+        if cmd == "speakers":
+            return {"sessions": await self._add_speakers(command)}
+        if cmd == "remove":
+            for sid in command["sessions"]:
+                await self._remove(str(sid))
+            return {}
+        if cmd == "end_room":
+            token = str(command["token"])
+            for sid in list(self._rooms.get(token, ())):
+                await self._remove(sid)
+            for sid in self.emulator.sessions_in_room(token, internal=False):
+                await self.emulator.remove_participant(sid)
+            self._rooms.pop(token, None)
+            return {}
+        if cmd == "wait_connected":
+            return await self._wait_connected(int(command["count"]), float(command.get("timeout", 60)))
+        if cmd == "internal_sessions":
+            token = str(command["token"])
+            return {"count": len(self.emulator.sessions_in_room(token, internal=True))}
+        if cmd == "stats":
+            return self._stats(bool(command.get("reset", False)))
+        raise ValueError(f"unknown command {cmd!r}")
+
+    async def _add_speakers(self, command: Json) -> list[str]:
+        token = str(command["token"])
+        kind = str(command.get("kind", "active"))
+        pattern = self.patterns[kind]
+        sessions = []
+        for _ in range(int(command["count"])):
+            n = next(self._names)
+            sid = f"speaker-{n}"
+            # start in the pause, before the pre-roll a gate keeps, so the
+            # service sees whole utterances; spread the streams over it
+            spread = max(1, pattern.pause_packets - 20)
+            offset = (pattern.talk_packets + (n * 37) % spread) % pattern.period
+            self.bridge.add_publisher(sid, pattern, offset)
+            await self.emulator.add_participant(
+                token, session_id=sid, in_call=SPEAKER_FLAGS, user_id=f"user-{n}"
+            )
+            self._rooms.setdefault(token, []).append(sid)
+            self._speaker_kind[sid] = kind
+            sessions.append(sid)
+        return sessions
+
+    async def _remove(self, sid: str) -> None:
+        await self.emulator.remove_participant(sid)
+        await self.bridge.remove_publisher(sid)
+        self._speaker_kind.pop(sid, None)
+        if self.word_latency is not None:
+            self.word_latency.forget(sid)
+        for members in self._rooms.values():
+            if sid in members:
+                members.remove(sid)
+
+    async def _wait_connected(self, count: int, deadline_seconds: float) -> Json:
+        deadline = time.monotonic() + deadline_seconds
+        # polling a count of peers (no event to wait on across aiortc's
+        # internals); bounded by the deadline
+        while time.monotonic() < deadline:
+            if self.bridge.connected() >= count:
+                break
+            await asyncio.sleep(0.1)
+        return {"connected": self.bridge.connected(), "subscriptions": len(self.bridge.subscriptions)}
+
+    def _stats(self, reset: bool) -> Json:
+        ticker = self._ticker
+        assert ticker is not None
+        wl = self.word_latency
+        result: Json = {
+            "transcripts": self.counters.transcripts,
+            "transcripts_unknown_speaker": self.counters.transcripts_unknown_speaker,
+            "words_matched": self.counters.words_seen,
+            "latencies": wl.take() if wl is not None and reset else (list(wl.latencies) if wl else []),
+            "unmatched_words": wl.unmatched if wl else 0,
+            "finals": wl.finals if wl else 0,
+            "partials": wl.partials if wl else 0,
+            "subscriptions": len(self.bridge.subscriptions),
+            "connected": self.bridge.connected(),
+            "offers": self.bridge.offers,
+            "closed": self.bridge.closed,
+            "ticker_skipped": ticker.skipped,
+            "ticker_lag_max_ms": round(ticker.lag_max * 1000, 2),
+            "ticker_lag_over_5ms": ticker.lag_over_5ms,
+            "packets_sent": sum(s.track.log.sent for s in self.bridge.subscriptions.values()),
+        }
+        if reset:
+            ticker.reset_stats()
+            self.counters = Counters()
+            if wl is not None:
+                wl.unmatched = wl.finals = wl.partials = 0
+        return result
+
+
+def _nextcloud_stub() -> web.Application:
+    """Nextcloud's routes the service calls: signaling settings (no STUN or
+    TURN: loopback only) and AppAPI's init progress."""
+
+    async def settings(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"ocs": {"meta": {"status": "ok"}, "data": {"stunservers": [], "turnservers": []}}}
+        )
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response({"ocs": {"meta": {"status": "ok"}, "data": []}})
+
+    app = web.Application()
+    app.router.add_get("/ocs/v2.php/apps/spreed/api/v3/signaling/settings", settings)
+    app.router.add_put("/ocs/v1.php/apps/app_api/apps/status/{app}", status)
+    return app
+
+
+def _emit(message: Json) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    parser.add_argument("--internal-secret", required=True)
+    parser.add_argument("--talk-ms", type=int, default=3000)
+    parser.add_argument("--pause-ms", type=int, default=1500)
+    parser.add_argument("--word-map", default="", help="JSON {period, word_packets}")
+    parser.add_argument("--max-seconds", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    patterns = {
+        "active": build_pattern(args.talk_ms, args.pause_ms, seed=1),
+        "silent": build_pattern(0, args.talk_ms + args.pause_ms, seed=2),
+    }
+    word_map = None
+    if args.word_map:
+        raw = json.loads(args.word_map)
+        word_map = WordMap(int(raw["period"]), tuple(int(p) for p in raw["word_packets"]))
+    generator = LoadGenerator(args.internal_secret, word_map, patterns)
+    asyncio.run(generator.run(args.max_seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
