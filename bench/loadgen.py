@@ -418,6 +418,17 @@ class LoadGenerator:
             return {}
         if cmd == "wait_connected":
             return await self._wait_connected(int(command["count"]), float(command.get("timeout", 60)))
+        if cmd == "wait_connected_room":
+            members = self._rooms.get(str(command["token"]), [])
+            connected = await self._wait_members(list(members), float(command.get("timeout", 30)))
+            return {"connected": connected}
+        if cmd == "cycle_speakers":
+            return await self._cycle_speakers(
+                str(command["token"]),
+                int(command["count"]),
+                int(command.get("concurrency", 10)),
+                float(command.get("hold_ms", 300)) / 1000,
+            )
         if cmd == "internal_sessions":
             token = str(command["token"])
             return {"count": len(self.emulator.sessions_in_room(token, internal=True))}
@@ -465,6 +476,41 @@ class LoadGenerator:
                 break
             await asyncio.sleep(0.1)
         return {"connected": self.bridge.connected(), "subscriptions": len(self.bridge.subscriptions)}
+
+    def _members_connected(self, members: list[str]) -> int:
+        count = 0
+        for sid in members:
+            sub = self.bridge.subscription_of(sid)
+            count += sub is not None and sub.pc.connectionState == "connected"
+        return count
+
+    async def _wait_members(self, members: list[str], deadline_seconds: float) -> int:
+        deadline = time.monotonic() + deadline_seconds
+        # a bounded poll: aiortc's connection states have no shared event to wait on
+        while self._members_connected(members) < len(members) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        return self._members_connected(members)
+
+    async def _cycle_speakers(self, token: str, count: int, concurrency: int, hold: float) -> Json:
+        """``count`` speakers join the room's call, get connected to by the
+        service, talk for ``hold`` seconds and leave; ``concurrency`` at a time."""
+        cycles = iter(range(count))
+        outcome = {"connected": 0, "not_connected": 0}
+
+        async def worker() -> None:
+            for _ in cycles:
+                sid = (await self._add_speakers({"token": token, "count": 1, "kind": "active"}))[0]
+                if await self._wait_members([sid], 20.0):
+                    outcome["connected"] += 1
+                    await asyncio.sleep(hold)
+                else:
+                    outcome["not_connected"] += 1
+                await self._remove(sid)
+
+        async with asyncio.TaskGroup() as tasks:
+            for _ in range(max(1, concurrency)):
+                tasks.create_task(worker())
+        return outcome
 
     def _stats(self, reset: bool) -> Json:
         ticker = self._ticker

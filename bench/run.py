@@ -1,0 +1,829 @@
+"""Load and soak harness: the service in its own process, loaded through the
+HPB emulator and real WebRTC by a cheaper generator process.
+
+    python -m bench.run --scenario active|silent|churn|soak|all \\
+        --speakers 1,10,50,100,200 --out docs/benchmarks.md
+
+Processes: this harness (orchestration, /proc sampling, HTTP to the
+service), the load generator (``bench.loadgen``: HPB emulator + direct
+aiortc publishers) and the service (``live-transcription serve`` with the
+zero-delay ``instant`` STT engine). Every wait is bounded; the child
+processes are stopped in ``finally`` and stop by themselves if this one dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import analysis, report
+from bench.latency import WordMap, word_map_from_events
+from bench.patterns import Pattern, build_pattern
+from bench.procstat import ProcessSampler, Sample, cpu_percent, percentile, slope
+
+log = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+Json = dict[str, Any]
+
+TALK_MS = 3000
+PAUSE_MS = 1500
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    scenarios: list[str]
+    speakers: list[int]
+    silent: list[int]
+    per_room: int = 10
+    warmup: float = 10.0
+    measure: float = 30.0
+    speaker_cycles: int = 1000
+    room_cycles: int = 100
+    soak_minutes: float = 5.0
+    soak_speakers: int = 50
+    partial_interval_ms: int = 0
+    profile_at: int = 100
+    profile_seconds: float = 20.0
+    out: Path = ROOT / "docs" / "benchmarks.md"
+    img: Path = ROOT / "docs" / "img"
+    work: Path = Path("/tmp/bench")
+    max_seconds: float = 3 * 3600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- the load generator process ------------------------------------------------------------------
+
+
+class LoadGen:
+    """``python -m bench.loadgen`` as a child; JSON-lines commands."""
+
+    def __init__(self, secret: str, word_map: WordMap | None, work: Path, max_seconds: float) -> None:
+        self._secret = secret
+        self._word_map = word_map
+        self._work = work
+        self._max_seconds = max_seconds
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ids = 0
+        self.hpb_port = 0
+        self.nextcloud_url = ""
+        self.pid = 0
+
+    async def __aenter__(self) -> LoadGen:
+        args = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--internal-secret",
+            self._secret,
+            "--talk-ms",
+            str(TALK_MS),
+            "--pause-ms",
+            str(PAUSE_MS),
+            "--max-seconds",
+            str(self._max_seconds),
+        ]
+        if self._word_map is not None:
+            args += ["--word-map", json.dumps(asdict(self._word_map))]
+        stderr = (self._work / "loadgen.log").open("ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *args,
+                cwd=ROOT,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                limit=64 << 20,
+            )
+        finally:
+            stderr.close()
+        ready = await self._read(60)
+        if not ready.get("ready"):
+            raise RuntimeError(f"load generator did not start: {ready}")
+        self.hpb_port = int(ready["hpb_port"])
+        self.nextcloud_url = str(ready["nextcloud_url"])
+        self.pid = int(ready["pid"])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.call("quit", deadline=20)
+        with contextlib.suppress(Exception):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def _read(self, deadline: float) -> Json:
+        assert self._proc is not None and self._proc.stdout is not None
+        async with asyncio.timeout(deadline):
+            line = await self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited (see {self._work / 'loadgen.log'})")
+        reply: Json = json.loads(line)
+        return reply
+
+    async def call(self, cmd: str, *, deadline: float = 120, **args: Any) -> Json:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._ids += 1
+        self._proc.stdin.write((json.dumps({"id": self._ids, "cmd": cmd} | args) + "\n").encode())
+        await self._proc.stdin.drain()
+        while True:
+            reply = await self._read(deadline)
+            if reply.get("id") == self._ids:
+                if "error" in reply:
+                    raise RuntimeError(f"load generator: {cmd}: {reply['error']}")
+                return reply
+
+
+# --- the service process ----------------------------------------------------------------------
+
+
+class Service:
+    """``live-transcription serve`` as a child process, black box."""
+
+    def __init__(self, loadgen: LoadGen, secret: str, work: Path, opts: Options, label: str) -> None:
+        self._loadgen = loadgen
+        self._internal_secret = secret
+        self._app_secret = secrets.token_hex(16)
+        self._work = work
+        self._opts = opts
+        self._label = label
+        self.port = _free_port()
+        self._proc: asyncio.subprocess.Process | None = None
+        self.sampler: ProcessSampler | None = None
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+        auth = base64.b64encode(f"bench:{self._app_secret}".encode()).decode()
+        self._headers = {
+            "EX-APP-ID": "live_transcription",
+            "EX-APP-VERSION": "0.1.0",
+            "AA-VERSION": "3.0.0",
+            "AUTHORIZATION-APP-API": auth,
+        }
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    async def __aenter__(self) -> Service:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "APP_SECRET": self._app_secret,
+            "APP_PORT": str(self.port),
+            "APP_HOST": "127.0.0.1",
+            "NEXTCLOUD_URL": self._loadgen.nextcloud_url,
+            "LT_HPB_URL": f"ws://127.0.0.1:{self._loadgen.hpb_port}",
+            "LT_INTERNAL_SECRET": self._internal_secret,
+            "LT_STT_ENGINE": "instant",
+            "LT_MAX_SPEAKERS": "5000",
+            "LT_MAX_SPEAKERS_PER_ROOM": "1000",
+            "LT_MAX_ROOMS": "1000",
+            "LT_LOG_LEVEL": "WARNING",
+            "LT_PARTIAL_INTERVAL_MS": str(self._opts.partial_interval_ms),
+        }
+        binary = VENV_BIN / "live-transcription"
+        log_file = (self._work / f"service-{self._label}.log").open("ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                str(binary), "serve", env=env, cwd=ROOT, stdout=log_file, stderr=log_file
+            )
+        finally:
+            log_file.close()
+        self.sampler = ProcessSampler(self._proc.pid)
+        async with asyncio.timeout(60):
+            while True:
+                if self._proc.returncode is not None:
+                    raise RuntimeError(f"service exited with {self._proc.returncode}; see {self._work}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await self.http.get("/heartbeat")).status_code == 200:
+                        break
+                await asyncio.sleep(0.2)  # the service has no readiness event to wait on
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await proc.wait()
+        except TimeoutError:
+            log.warning("service did not stop within 30 s: killed")
+            proc.kill()
+            await proc.wait()
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    def sample(self) -> Sample:
+        assert self.sampler is not None
+        return self.sampler.sample()
+
+    async def transcribe(self, token: str, target: str, enable: bool = True) -> None:
+        body = {"roomToken": token, "ncSessionId": target, "enable": enable, "langId": "en"}
+        reply = await self.http.post("/api/v1/call/transcribe", json=body, headers=self._headers)
+        if reply.status_code != 200:
+            raise RuntimeError(f"transcribe {token}: HTTP {reply.status_code} {reply.text}")
+
+    async def leave(self, token: str) -> None:
+        reply = await self.http.post("/api/v1/call/leave", json={"roomToken": token}, headers=self._headers)
+        if reply.status_code not in (200, 404):
+            raise RuntimeError(f"leave {token}: HTTP {reply.status_code} {reply.text}")
+
+    async def health(self) -> Json:
+        reply = await self.http.get("/healthz")
+        body: Json = reply.json()
+        return body
+
+    async def metrics(self) -> analysis.Scrape:
+        reply = await self.http.get("/metrics")
+        return analysis.parse_metrics(reply.text)
+
+    async def wait_health(self, what: str, condition: Any, deadline: float = 60) -> Json:
+        """Poll /healthz until ``condition(body)`` (bounded)."""
+        end = time.monotonic() + deadline
+        body = await self.health()
+        while not condition(body):
+            if time.monotonic() > end:
+                raise TimeoutError(f"service: {what} not reached in {deadline:.0f} s: {body}")
+            await asyncio.sleep(0.25)
+            body = await self.health()
+        return body
+
+
+# --- the word map ------------------------------------------------------------------------------
+
+
+async def compute_word_map(pattern: Pattern) -> WordMap | None:
+    """Run the service's own audio gate and its zero-delay engine over three
+    periods of the pattern, offline, and note after which packet each word
+    came out. None when the instant engine cannot be loaded."""
+    try:
+        from live_transcription.stt.factory import create_engine  # type: ignore[import-not-found,unused-ignore]
+
+        from live_transcription.audio.pipeline import SpeakerAudio
+        from live_transcription.config import load_settings
+        from live_transcription.media.packet import OpusRtp
+        from live_transcription.stt.base import Pause, Word
+
+        engine = create_engine(load_settings(LT_STT_ENGINE="instant"))
+    except Exception as exc:
+        log.warning("no word map (latency from the service's histogram only): %r", exc)
+        return None
+    events: list[tuple[str, int]] = []
+    current = 0
+    try:
+        async with asyncio.TaskGroup() as tasks, engine.open_stream("en") as stream:
+
+            async def read() -> None:
+                async for event in stream.events():
+                    if isinstance(event, Word):
+                        events.append(("word", current))
+                    elif isinstance(event, Pause):
+                        events.append(("pause", current))
+
+            reader = tasks.create_task(read())
+            audio = SpeakerAudio(on_frame=stream.push, on_speech_end=stream.end_of_speech)
+            for index in range(3 * pattern.period):
+                current = index
+                position = index % pattern.period
+                audio.feed(
+                    OpusRtp(
+                        pattern.payloads[position],
+                        index % 65536,
+                        index * 960,
+                        audio_level=pattern.levels[position],
+                        arrival_time=index * 0.02,
+                        ssrc=1,
+                    )
+                )
+                for _ in range(5):  # let the engine's zero-delay reply through
+                    await asyncio.sleep(0)
+            audio.close()
+            reader.cancel()
+    finally:
+        await engine.aclose()
+    word_map = word_map_from_events(pattern.period, events)
+    log.info("word map: %d words per utterance at %s", len(word_map.word_packets), word_map.word_packets)
+    return word_map
+
+
+# --- measurement windows ------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """What one measurement window saw."""
+
+    n: int
+    kind: str
+    seconds: float = 0.0
+    rss_mb: float = 0.0
+    cpu_percent: float = 0.0
+    generator_cpu_percent: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    service_latency_ms: dict[str, float] = field(default_factory=dict)
+    words: int = 0
+    unmatched_words: int = 0
+    frames_dropped: float = 0.0
+    drops: dict[str, float] = field(default_factory=dict)
+    packets: dict[str, float] = field(default_factory=dict)
+    captions_sent: float = 0.0
+    transcripts: int = 0
+    connected: int = 0
+    speakers_reported: int = 0
+    ticker_lag_max_ms: float = 0.0
+    ticker_skipped: int = 0
+
+
+async def measure(
+    service: Service, loadgen: LoadGen, generator: ProcessSampler, *, n: int, kind: str, seconds: float
+) -> Window:
+    await loadgen.call("stats", reset=True)
+    before_metrics = await service.metrics()
+    before = service.sample()
+    gen_before = generator.sample()
+    rss: list[int] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+        rss.append(service.sample().rss_bytes)
+    after = service.sample()
+    gen_after = generator.sample()
+    after_metrics = await service.metrics()
+    stats = await loadgen.call("stats", reset=True)
+    health = await service.health()
+    changed = analysis.diff(after_metrics, before_metrics)
+    latencies = [1000 * v for v in stats["latencies"]]
+    buckets = analysis.histogram_buckets(changed, "live_transcription_caption_latency_seconds")
+    window = Window(n=n, kind=kind, seconds=after.wall - before.wall)
+    window.rss_mb = sorted(rss)[len(rss) // 2] / 2**20 if rss else after.rss_bytes / 2**20
+    window.cpu_percent = cpu_percent(before, after)
+    window.generator_cpu_percent = cpu_percent(gen_before, gen_after)
+    window.latency_ms = {f"p{q}": round(percentile(latencies, q), 2) for q in (50, 95, 99)} | {
+        "max": round(max(latencies), 2) if latencies else math.nan
+    }
+    window.service_latency_ms = {
+        f"p{q}": round(1000 * analysis.histogram_quantile(buckets, q / 100), 2) for q in (50, 95, 99)
+    }
+    window.words = len(latencies)
+    window.unmatched_words = int(stats["unmatched_words"])
+    window.drops = analysis.by_label(changed, "live_transcription_audio_frames_dropped_total", "reason")
+    window.frames_dropped = sum(window.drops.values())
+    window.packets = analysis.by_label(changed, "live_transcription_audio_packets_total", "kind")
+    window.captions_sent = analysis.total(changed, "live_transcription_captions_sent_total")
+    window.transcripts = int(stats["transcripts"])
+    window.connected = int(stats["connected"])
+    window.speakers_reported = int(health.get("speakers", -1))
+    window.ticker_lag_max_ms = float(stats["ticker_lag_max_ms"])
+    window.ticker_skipped = int(stats["ticker_skipped"])
+    return window
+
+
+class Rooms:
+    """Rooms of ``per_room`` speakers, opened in the emulator and captioned
+    through the service's HTTP API as Talk does."""
+
+    def __init__(self, service: Service, loadgen: LoadGen, per_room: int, prefix: str) -> None:
+        self._service = service
+        self._loadgen = loadgen
+        self._per_room = per_room
+        self._prefix = prefix
+        self.rooms: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    async def grow_to(self, n: int, kind: str) -> None:
+        while self.total < n:
+            if not self.rooms or len(self.rooms[-1][1]) >= self._per_room:
+                token = f"{self._prefix}{len(self.rooms) + 1:04d}"
+                reply = await self._loadgen.call("room", token=token)
+                await self._service.transcribe(token, reply["target"])
+                self.rooms.append((token, []))
+            token, members = self.rooms[-1]
+            count = min(self._per_room - len(members), n - self.total)
+            reply = await self._loadgen.call("speakers", token=token, count=count, kind=kind)
+            members.extend(reply["sessions"])
+            self.total += count
+        reply = await self._loadgen.call("wait_connected", count=n, timeout=max(60, n * 0.5), deadline=600)
+        if reply["connected"] < n:
+            log.warning("only %d of %d streams connected", reply["connected"], n)
+
+    async def close_all(self) -> None:
+        for token, _ in self.rooms:
+            await self._service.leave(token)
+            await self._loadgen.call("end_room", token=token)
+        self.rooms.clear()
+        self.total = 0
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    opts: Options, word_map: WordMap | None, label: str
+) -> AsyncIterator[tuple[LoadGen, Service]]:
+    secret = secrets.token_hex(24)
+    async with LoadGen(secret, word_map, opts.work, opts.max_seconds) as loadgen:
+        service = Service(loadgen, secret, opts.work, opts, label)
+        async with service:
+            yield loadgen, service
+
+
+async def scenario_load(opts: Options, word_map: WordMap | None, kind: str, steps: list[int]) -> Json:
+    """N speakers (active or silent) step by step in one service process."""
+    windows: list[Window] = []
+    profile: Json = {}
+    async with stack(opts, word_map, kind) as (loadgen, service):
+        generator = ProcessSampler(loadgen.pid)
+        rooms = Rooms(service, loadgen, opts.per_room, f"{kind}")
+        # idle baseline: the process up, no room
+        await asyncio.sleep(min(5.0, opts.warmup))
+        windows.append(
+            await measure(service, loadgen, generator, n=0, kind=kind, seconds=min(opts.measure, 15.0))
+        )
+        log.info("%s N=0: %s", kind, _brief(windows[-1]))
+        for n in sorted(s for s in steps if s > 0):
+            started = time.monotonic()
+            await rooms.grow_to(n, kind)
+            await asyncio.sleep(opts.warmup)
+            window = await measure(service, loadgen, generator, n=n, kind=kind, seconds=opts.measure)
+            windows.append(window)
+            log.info("%s N=%d (%.0f s): %s", kind, n, time.monotonic() - started, _brief(window))
+            if kind == "active" and n == opts.profile_at and opts.profile_seconds > 0:
+                profile = await profile_service(service.pid, opts, f"{kind}-{n}")
+            if not service.alive():
+                log.error("the service died at N=%d", n)
+                break
+        await rooms.close_all()
+    return {"windows": [asdict(w) for w in windows], "profile": profile}
+
+
+async def profile_service(pid: int, opts: Options, label: str) -> Json:
+    py_spy = VENV_BIN / "py-spy"
+    if not py_spy.exists():
+        return {"error": "py-spy not installed"}
+    raw = opts.work / f"profile-{label}.txt"
+    svg = opts.work / f"profile-{label}.svg"
+    results: Json = {"seconds": opts.profile_seconds, "svg": str(svg), "raw": str(raw)}
+    for fmt, path in (("raw", raw), ("flamegraph", svg)):
+        proc = await asyncio.create_subprocess_exec(
+            str(py_spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(opts.profile_seconds / 2)),
+            "--rate",
+            "100",
+            "--format",
+            fmt,
+            "--output",
+            str(path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(opts.profile_seconds + 60):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return results | {"error": "py-spy timed out"}
+        if proc.returncode != 0:
+            return results | {"error": err.decode(errors="replace")[-500:]}
+    stacks = analysis.parse_collapsed(raw.read_text().splitlines())
+    results["samples"] = sum(stacks.values())
+    results["self"] = [asdict(e) for e in analysis.top_self(stacks, 20)]
+    results["inclusive"] = [asdict(e) for e in analysis.top_inclusive(stacks, 40)]
+    return results
+
+
+async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
+    """Speaker join/leave cycles in one room, then room open/close cycles;
+    RSS and live-object counts before and after."""
+    async with stack(opts, word_map, "churn") as (loadgen, service):
+        home = "churnhome"
+        reply = await loadgen.call("room", token=home)
+        await service.transcribe(home, reply["target"])
+        await service.wait_health("home room open", lambda b: b.get("rooms") == 1)
+
+        async def speaker_cycles(count: int) -> Json:
+            return await loadgen.call(
+                "cycle_speakers", token=home, count=count, concurrency=10, hold_ms=300, deadline=3600
+            )
+
+        async def room_cycles(count: int, start: int) -> int:
+            failures = 0
+            for i in range(start, start + count):
+                token = f"churnroom{i:04d}"
+                target = (await loadgen.call("room", token=token))["target"]
+                await loadgen.call("speakers", token=token, count=2, kind="active")
+                await service.transcribe(token, target)
+                got = await loadgen.call("wait_connected_room", token=token, count=2, timeout=30, deadline=60)
+                failures += got["connected"] < 2
+                await service.leave(token)
+                await loadgen.call("end_room", token=token)
+            await service.wait_health("rooms closed", lambda b: b.get("rooms") == 1)
+            return failures
+
+        # warm-up: allocator and caches reach their working size
+        await speaker_cycles(50)
+        await room_cycles(5, 0)
+        await service.wait_health("speakers gone", lambda b: b.get("speakers") == 0)
+        await asyncio.sleep(5)
+        rss_before = service.sample().rss_bytes
+        metrics_before = await service.metrics()
+        started = time.monotonic()
+        speakers = await speaker_cycles(opts.speaker_cycles)
+        speaker_seconds = time.monotonic() - started
+        await service.wait_health("speakers gone", lambda b: b.get("speakers") == 0)
+        started = time.monotonic()
+        room_failures = await room_cycles(opts.room_cycles, 100)
+        room_seconds = time.monotonic() - started
+        await asyncio.sleep(5)
+        rss_after = service.sample().rss_bytes
+        health_home_open = await service.health()
+        await service.leave(home)
+        await loadgen.call("end_room", token=home)
+        health_end = await service.wait_health("all rooms closed", lambda b: b.get("rooms") == 0)
+        metrics_after = await service.metrics()
+        changed = analysis.diff(metrics_after, metrics_before)
+        lg = await loadgen.call("stats", reset=False)
+        return {
+            "speaker_cycles": speakers,
+            "speaker_seconds": round(speaker_seconds, 1),
+            "room_cycles": opts.room_cycles,
+            "room_failures": room_failures,
+            "room_seconds": round(room_seconds, 1),
+            "rss_before_mb": rss_before / 2**20,
+            "rss_after_mb": rss_after / 2**20,
+            "rss_growth_mb": (rss_after - rss_before) / 2**20,
+            "health_home_open": health_home_open,
+            "health_end": health_end,
+            "speakers_started": analysis.total(changed, "live_transcription_speakers_started_total"),
+            "speakers_ended": analysis.total(changed, "live_transcription_speakers_ended_total"),
+            "rooms_opened": analysis.total(changed, "live_transcription_rooms_opened_total"),
+            "rooms_closed": analysis.total(changed, "live_transcription_rooms_closed_total"),
+            "live_speakers_metric": analysis.total(metrics_after, "live_transcription_speakers_started_total")
+            - analysis.total(metrics_after, "live_transcription_speakers_ended_total"),
+            "live_rooms_metric": analysis.total(metrics_after, "live_transcription_rooms_opened_total")
+            - analysis.total(metrics_after, "live_transcription_rooms_closed_total"),
+            "generator_subscriptions_left": lg["subscriptions"],
+        }
+
+
+async def scenario_soak(opts: Options, word_map: WordMap | None) -> Json:
+    duration = opts.soak_minutes * 60
+    interval = min(60.0, max(5.0, duration / 20))
+    samples: list[Json] = []
+    async with stack(opts, word_map, "soak") as (loadgen, service):
+        generator = ProcessSampler(loadgen.pid)
+        rooms = Rooms(service, loadgen, opts.per_room, "soak")
+        await rooms.grow_to(opts.soak_speakers, "active")
+        await asyncio.sleep(opts.warmup)
+        start = time.monotonic()
+        before = service.sample()
+        gen_before = generator.sample()
+        metrics_before = await service.metrics()
+        await loadgen.call("stats", reset=True)
+        previous = before
+        while time.monotonic() - start < duration:
+            await asyncio.sleep(min(interval, max(0.0, duration - (time.monotonic() - start))))
+            now = service.sample()
+            health = await service.health()
+            samples.append(
+                {
+                    "minutes": round((now.wall - start) / 60, 2),
+                    "rss_mb": round(now.rss_bytes / 2**20, 2),
+                    "cpu_percent": round(cpu_percent(previous, now), 2),
+                    "rooms": health.get("rooms"),
+                    "speakers": health.get("speakers"),
+                }
+            )
+            previous = now
+            if not service.alive():
+                break
+        after = service.sample()
+        stats = await loadgen.call("stats", reset=True)
+        changed = analysis.diff(await service.metrics(), metrics_before)
+        latencies = [1000 * v for v in stats["latencies"]]
+        result: Json = {
+            "speakers": opts.soak_speakers,
+            "minutes": round((after.wall - start) / 60, 2),
+            "samples": samples,
+            "cpu_percent": cpu_percent(before, after),
+            "generator_cpu_percent": cpu_percent(gen_before, generator.sample()),
+            "rss_start_mb": before.rss_bytes / 2**20,
+            "rss_end_mb": after.rss_bytes / 2**20,
+            "rss_slope_mb_per_hour": 60
+            * slope([s["minutes"] for s in samples], [s["rss_mb"] for s in samples])
+            if len(samples) > 1
+            else math.nan,
+            "latency_ms": {f"p{q}": round(percentile(latencies, q), 2) for q in (50, 95, 99)},
+            "frames_dropped": analysis.total(changed, "live_transcription_audio_frames_dropped_total"),
+        }
+        await rooms.close_all()
+    return result
+
+
+def _brief(window: Window) -> str:
+    return (
+        f"rss {window.rss_mb:.1f} MB, cpu {window.cpu_percent:.1f} %, "
+        f"gen {window.generator_cpu_percent:.1f} %, "
+        f"latency {window.latency_ms}, drops {window.frames_dropped:.0f}, connected {window.connected}"
+    )
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def machine() -> Json:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory_gb": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "src"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else "")
+
+
+async def run(opts: Options, command: str) -> Json:
+    opts.work.mkdir(parents=True, exist_ok=True)
+    pattern = build_pattern(TALK_MS, PAUSE_MS, seed=1)
+    word_map = await compute_word_map(pattern)
+    results: Json = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "revision": git_revision(),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "pattern": {"talk_ms": TALK_MS, "pause_ms": PAUSE_MS, "period_packets": pattern.period},
+        "word_map": asdict(word_map) if word_map else None,
+    }
+    results_path = opts.work / "results.json"
+    for scenario in opts.scenarios:
+        started = time.monotonic()
+        log.info("scenario %s", scenario)
+        try:
+            if scenario == "active":
+                results["active"] = await scenario_load(opts, word_map, "active", opts.speakers)
+            elif scenario == "silent":
+                results["silent"] = await scenario_load(opts, word_map, "silent", opts.silent)
+            elif scenario == "churn":
+                results["churn"] = await scenario_churn(opts, word_map)
+            elif scenario == "soak":
+                results["soak"] = await scenario_soak(opts, word_map)
+        except Exception as exc:
+            log.exception("scenario %s failed", scenario)
+            results[scenario] = {"error": repr(exc)}
+        results.setdefault("durations_s", {})[scenario] = round(time.monotonic() - started)
+        results_path.write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def parse_args(argv: list[str] | None) -> tuple[Options, str]:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="all", help="active, silent, churn, soak or all (comma list)")
+    parser.add_argument("--speakers", default="1,10,50,100,200", help="active speaker counts")
+    parser.add_argument("--silent", default="10,50,100,200", help="silent participant counts")
+    parser.add_argument("--per-room", type=int, default=10)
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds before each window")
+    parser.add_argument("--measure", type=float, default=30.0, help="seconds per window")
+    parser.add_argument("--speaker-cycles", type=int, default=1000)
+    parser.add_argument("--room-cycles", type=int, default=100)
+    parser.add_argument("--soak-minutes", type=float, default=5.0)
+    parser.add_argument("--soak-speakers", type=int, default=50)
+    parser.add_argument("--partial-interval-ms", type=int, default=0, help="LT_PARTIAL_INTERVAL_MS")
+    parser.add_argument("--profile-at", type=int, default=100, help="profile at this N (0: never)")
+    parser.add_argument("--profile-seconds", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--max-hours", type=float, default=3.0, help="hard stop of everything")
+    parser.add_argument("--from-results", type=Path, help="only write the report from a results.json")
+    args = parser.parse_args(argv)
+    scenarios = ["active", "silent", "churn", "soak"] if args.scenario == "all" else args.scenario.split(",")
+    unknown = set(scenarios) - {"active", "silent", "churn", "soak"}
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    opts = Options(
+        scenarios=scenarios,
+        speakers=[int(s) for s in args.speakers.split(",") if s.strip()],
+        silent=[int(s) for s in args.silent.split(",") if s.strip()],
+        per_room=args.per_room,
+        warmup=args.warmup,
+        measure=args.measure,
+        speaker_cycles=args.speaker_cycles,
+        room_cycles=args.room_cycles,
+        soak_minutes=args.soak_minutes,
+        soak_speakers=args.soak_speakers,
+        partial_interval_ms=args.partial_interval_ms,
+        profile_at=args.profile_at,
+        profile_seconds=args.profile_seconds,
+        out=args.out,
+        img=args.img,
+        work=args.work,
+        max_seconds=args.max_hours * 3600,
+    )
+    shown = ["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
+    if args.from_results:
+        opts.work = args.from_results.parent
+    return opts, " ".join(shown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    opts, command = parse_args(argv)
+    if "--from-results" in (argv if argv is not None else sys.argv):
+        results = json.loads((opts.work / "results.json").read_text())
+    else:
+        if shutil.which("live-transcription", path=str(VENV_BIN)) is None:
+            print("live-transcription is not installed in this venv", file=sys.stderr)
+            return 2
+        try:
+            results = asyncio.run(asyncio.wait_for(run(opts, command), opts.max_seconds))
+        except TimeoutError:
+            print("the benchmark hit --max-hours", file=sys.stderr)
+            return 1
+    report.write(results, opts.out, opts.img)
+    print(f"wrote {opts.out} and plots in {opts.img}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
