@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="live-transcription", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="live-transcription", description="Live captions for Nextcloud Talk calls."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the ExApp (the production entry point)")
+    demo = sub.add_parser("demo", help="show live captions from real speech end to end, with no Nextcloud")
+    demo.add_argument("--language", default="en", help="caption language (default en)")
+    sfu = demo.add_mutually_exclusive_group()
+    sfu.add_argument("--janus", dest="janus", action="store_true", default=None, help="require Janus")
+    sfu.add_argument("--no-janus", dest="janus", action="store_false", help="direct WebRTC, no SFU")
+    demo.add_argument("--log-level", default="ERROR", help="service log level (default ERROR)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         from live_transcription.api.server import serve  # noqa: PLC0415 - keep --help fast
 
         return serve()
+    if args.command == "demo":
+        from live_transcription.sim.demo import run_demo  # noqa: PLC0415
+
+        try:
+            result = asyncio.run(
+                run_demo(use_janus=args.janus, language=args.language, log_level=args.log_level)
+            )
+        except KeyboardInterrupt:
+            return 130
+        return 0 if result.finals() else 1
     return 2
 
 

@@ -18,6 +18,9 @@ class Engine(StrEnum):
     MODAL = "modal"
     MOSHI = "moshi"
     EMBEDDED = "embedded"
+    INSTANT = "instant"
+    """A zero-delay stand-in that turns audio into numbered words: for
+    benchmarks and tests of the service's own cost, never for real calls."""
 
 
 class ConfigError(Exception):

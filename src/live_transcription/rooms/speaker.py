@@ -1,0 +1,245 @@
+"""One speaker: peer connection -> audio -> STT stream -> captions -> room.
+
+A Speaker owns its peer connection, its audio path, its STT stream and its
+caption builder. Everything it starts lives in its own TaskGroup inside
+``run()``; leaving ``run()`` (close, peer failure, room closing) flushes the
+stream so the last words become a final caption, then closes the peer.
+
+The audio path is synchronous and inline: RTP packet -> ``SpeakerAudio.feed``
+-> 80 ms frame -> ``SttStream.push`` (bounded, drops oldest). No queue or
+thread between the network and the engine's buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import numpy as np
+from aiortc import RTCIceServer
+
+from live_transcription import metrics
+from live_transcription.audio.pipeline import GateConfig, Samples, SpeakerAudio
+from live_transcription.audio.ring import DropOldestRing
+from live_transcription.captions.builder import Caption, CaptionBuilder
+from live_transcription.clock import Clock, MonotonicClock
+from live_transcription.media.peer import ReceivePeer, UnsupportedOffer
+from live_transcription.rooms import ports
+from live_transcription.rooms.room import SpeakerContext
+from live_transcription.stt.base import (
+    FRAME_SECONDS,
+    Language,
+    Pause,
+    StreamError,
+    SttEngine,
+    SttEvent,
+    SttStream,
+    Word,
+)
+
+log = logging.getLogger(__name__)
+
+IceServers = Callable[[], Awaitable[Sequence[RTCIceServer]]]
+
+_ARRIVALS = 1024
+"""Frame arrival times kept for latency measurement (~80 s of speech)."""
+_IDLE_CHECK_SECONDS = 0.25
+
+
+class Speaker:
+    """Implements ``rooms.room.SpeakerSession``."""
+
+    def __init__(
+        self,
+        context: SpeakerContext,
+        *,
+        engine: SttEngine,
+        languages: Mapping[str, Language],
+        ice_servers: IceServers,
+        max_caption_seconds: float = 10.0,
+        gate: GateConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.context = context
+        self._engine = engine
+        self._languages = languages
+        self._ice_servers = ice_servers
+        self._max_caption_seconds = max_caption_seconds
+        self._gate = gate
+        self._clock = clock or MonotonicClock()
+        self._language = context.language
+        self._stream: SttStream | None = None
+        self._stream_frames = 0
+        self._arrivals = np.zeros(_ARRIVALS, dtype=np.float64)
+        self._candidates: DropOldestRing[ports.CandidateReceived] = DropOldestRing(32)
+        self._candidate_ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._pending_word_end: float | None = None
+        self.end_reason: str | None = None
+        self.engine_failure: str | None = None
+        self.words = 0
+        self.captions = 0
+        self.frames_without_stream = 0
+
+    # --- SpeakerSession ------------------------------------------------------------------
+    def add_candidate(self, candidate: ports.CandidateReceived) -> None:
+        self._candidates.push(candidate)
+        self._candidate_ready.set()
+
+    def set_language(self, language: str) -> None:
+        if language != self._language:
+            self._language = language
+            self._changed.set()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._changed.set()
+
+    async def run(self) -> None:
+        label = self.context.session_id
+        audio = SpeakerAudio(
+            on_frame=self._on_frame, on_speech_end=self._on_speech_end, config=self._gate, label=label
+        )
+        metrics.speakers_started.inc()
+        try:
+            ice_servers = await self._ice_servers()
+            async with ReceivePeer(
+                ice_servers=ice_servers,
+                on_rtp=audio.feed,
+                on_candidate=self._send_candidate,
+                label=label,
+                clock=self._clock,
+            ) as peer:
+                try:
+                    answer = await peer.accept_offer(self.context.offer.sdp)
+                except UnsupportedOffer as exc:
+                    self.end_reason = "unsupported-offer"
+                    log.warning("speaker %s: offer refused: %s", label, exc)
+                    return
+                self.context.link.send_answer(label, self.context.offer.sid, answer)
+                async with asyncio.TaskGroup() as tasks:
+                    side = [
+                        tasks.create_task(self._apply_candidates(peer)),
+                        tasks.create_task(self._watch_peer(peer)),
+                        tasks.create_task(self._watch_idle(audio)),
+                    ]
+                    try:
+                        await self._caption_streams()
+                    finally:
+                        for task in side:
+                            task.cancel()
+        finally:
+            audio.close()
+            self._stream = None
+            self.end_reason = self.end_reason or "closed"
+            metrics.speakers_ended.labels(self.end_reason).inc()
+            log.info("speaker %s ended: %s", label, self.end_reason)
+
+    # --- the inline audio path ---------------------------------------------------------
+    def _on_frame(self, frame: Samples) -> None:
+        stream = self._stream
+        if stream is None:
+            self.frames_without_stream += 1
+            return
+        self._arrivals[self._stream_frames % _ARRIVALS] = time.monotonic()
+        self._stream_frames += 1
+        stream.push(frame)
+
+    def _on_speech_end(self) -> None:
+        if self._stream is not None:
+            self._stream.end_of_speech()
+
+    def _send_candidate(self, candidate: ports.LocalCandidate) -> None:
+        self.context.link.send_candidate(self.context.session_id, self.context.offer.sid, candidate)
+
+    # --- tasks -------------------------------------------------------------------------------
+    async def _caption_streams(self) -> None:
+        """One STT stream per language in use; reopened on a language change."""
+        while not self._stopping:
+            self._changed.clear()
+            language = self._language
+            builder = CaptionBuilder(
+                separator=self._separator(language), max_seconds=self._max_caption_seconds
+            )
+            async with asyncio.TaskGroup() as tasks:
+                async with self._engine.open_stream(language) as stream:
+                    self._stream = stream
+                    self._stream_frames = 0
+                    reader = tasks.create_task(self._read_events(stream, builder))
+                    changed = tasks.create_task(self._changed.wait())
+                    await asyncio.wait((reader, changed), return_when=asyncio.FIRST_COMPLETED)
+                    changed.cancel()
+                    self._stream = None  # leaving the block flushes; the reader gets the rest
+            self._publish(builder.flush())
+            if self.engine_failure is not None:
+                # the engine cannot work (e.g. credentials): wait for a change, do not spin
+                await self._changed.wait()
+
+    async def _read_events(self, stream: SttStream, builder: CaptionBuilder) -> None:
+        async for event in stream.events():
+            self._on_event(event, builder)
+
+    def _on_event(self, event: SttEvent, builder: CaptionBuilder) -> None:
+        if isinstance(event, Word):
+            self.words += 1
+            metrics.words_in.labels(self._engine.name).inc()
+            if event.audio_end is not None:
+                self._pending_word_end = event.audio_end
+        elif isinstance(event, StreamError):
+            if event.fatal:
+                self.engine_failure = event.message
+                log.error("speaker %s: STT stream failed: %s", self.context.session_id, event.message)
+            else:
+                log.info("speaker %s: STT stream: %s", self.context.session_id, event.message)
+            metrics.stt_streams.labels(self._engine.name, event.reason).inc()
+            return
+        elif not isinstance(event, Pause):
+            return
+        self._publish(builder.feed(event, self._clock.now()))
+
+    def _publish(self, captions: Sequence[Caption]) -> None:
+        for caption in captions:
+            self.context.publish(self.context.session_id, caption.text, caption.final)
+            self.captions += 1
+        if captions and self._pending_word_end is not None:
+            self._observe_latency(self._pending_word_end)
+            self._pending_word_end = None
+
+    def _observe_latency(self, audio_end: float) -> None:
+        """Time from the arrival of the frame that carried the word's end to now."""
+        index = max(0, int(audio_end / FRAME_SECONDS + 0.5) - 1)
+        if self._stream_frames - index > _ARRIVALS or index >= self._stream_frames:
+            return
+        arrived = float(self._arrivals[index % _ARRIVALS])
+        if arrived > 0:
+            metrics.caption_latency.observe(max(0.0, time.monotonic() - arrived))
+
+    async def _apply_candidates(self, peer: ReceivePeer) -> None:
+        while True:
+            await self._candidate_ready.wait()
+            self._candidate_ready.clear()
+            for candidate in self._candidates.drain():
+                await peer.add_remote_candidate(
+                    candidate.candidate, candidate.sdp_mid, candidate.sdp_mline_index
+                )
+
+    async def _watch_peer(self, peer: ReceivePeer) -> None:
+        reason = await peer.wait_closed()
+        if not self._stopping:
+            self.end_reason = f"peer-{reason}"
+            log.info("speaker %s: connection closed: %s", self.context.session_id, reason)
+        self.close()
+
+    async def _watch_idle(self, audio: SpeakerAudio) -> None:
+        """End the utterance when packets stop altogether (muted, gone)."""
+        while True:
+            await self._clock.sleep(_IDLE_CHECK_SECONDS)
+            if audio.speaking:
+                audio.check_idle(self._clock.now())
+
+    def _separator(self, language: str) -> str:
+        entry = self._languages.get(language)
+        return entry.separator if entry is not None else " "
