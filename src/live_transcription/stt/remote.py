@@ -150,6 +150,7 @@ class RemoteStream(SttStream):
         self._last_word_at = 0.0
         self._marker_id = 0
         self._words_since_pause = False
+        self._last_was_pause = False
         self._server_paused = False
         self._closing = False
         self._close_deadline = 0.0
@@ -282,6 +283,8 @@ class RemoteStream(SttStream):
                 self._arm(self._options.idle_close_seconds - idle)
 
     async def _send_pending(self) -> None:
+        if self._replay or self._ring:
+            self._last_audio_sent_at = self._clock.now()
         while self._ws is not None and (self._replay or self._ring):
             if self._replay:
                 index, frame = self._replay.popleft()
@@ -292,7 +295,6 @@ class RemoteStream(SttStream):
             self._timeline.record_audio(index)
             if not await self._send(self._protocol.encode_audio(frame)):
                 return
-        self._last_audio_sent_at = self._clock.now()
 
     async def _send_flush(self) -> None:
         self._marker_id += 1
@@ -335,9 +337,14 @@ class RemoteStream(SttStream):
         self._unacked.clear()
         self._deduper.acknowledge_all()
         self._failures = 0
-        self._words_since_pause = False
-        self._events.put(Pause(audio_time=self._pushed * FRAME_SECONDS))
+        if not self._last_was_pause:  # once per pause: the server may have said it already
+            self._emit_pause()
         self._wake.set()
+
+    def _emit_pause(self) -> None:
+        self._words_since_pause = False
+        self._last_was_pause = True
+        self._events.put(Pause(audio_time=self._pushed * FRAME_SECONDS))
 
     async def _send(self, data: bytes) -> bool:
         ws = self._ws
@@ -487,8 +494,7 @@ class RemoteStream(SttStream):
             self._on_word(event)
         elif isinstance(event, ServerPause):
             if self._words_since_pause and not self._server_paused:
-                self._words_since_pause = False
-                self._events.put(Pause(audio_time=self._pushed * FRAME_SECONDS))
+                self._emit_pause()
             self._server_paused = True
         elif isinstance(event, ServerReady):
             self._ready = True
@@ -533,6 +539,7 @@ class RemoteStream(SttStream):
         self._failures = 0
         if self._deduper.accept(word):
             self._words_since_pause = True
+            self._last_was_pause = False
             self._events.put(word)
 
     def _log_once(self, key: str, message: str) -> None:

@@ -190,9 +190,28 @@ class EventChannel:
     def close(self) -> None:
         self.put(None)
 
-    async def __aiter__(self) -> AsyncIterator[SttEvent]:
-        while True:
-            event = await self._queue.get()
-            if event is None:
-                return
-            yield event
+    def __aiter__(self) -> AsyncIterator[SttEvent]:
+        return _EventIterator(self._queue)
+
+
+class _EventIterator:
+    """Not a generator: a cancelled ``__anext__`` (a timeout) leaves it usable."""
+
+    __slots__ = ("_ended", "_queue")
+
+    def __init__(self, queue: asyncio.Queue[SttEvent | None]) -> None:
+        self._queue = queue
+        self._ended = False
+
+    def __aiter__(self) -> _EventIterator:
+        return self
+
+    async def __anext__(self) -> SttEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event is None:
+            self._ended = True
+            self._queue.put_nowait(None)  # later iterators end too
+            raise StopAsyncIteration
+        return event

@@ -1,0 +1,163 @@
+"""A fake of Kyutai STT on Modal (PROTOCOLS.md section 3) over real WebSockets.
+
+* ``Modal-Key``/``Modal-Secret`` checked before the upgrade: HTTP 401 if wrong.
+* Binary frames of float32 LE PCM (length must be a multiple of 4).
+* ``{"type":"token","text":WORD}`` once ``delay_frames`` more frames have
+  arrived after the word's last frame; the current format sends whole words
+  without a leading space, ``legacy=True`` sends pieces with a leading space
+  plus ``vad_end`` and ``ping``.
+* Closes after ``idle_close_seconds`` without a binary frame; never flushes
+  words still inside the delay when a connection ends.
+* Knobs: ``cold_start_seconds`` / ``handshake_gate`` hold the handshake,
+  ``drop_after_frames`` aborts the first connection mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from http import HTTPStatus
+from types import TracebackType
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from tests.fakes import VOCABULARY, Recogniser, decode_frame
+
+
+class FakeModalKyutai:
+    def __init__(
+        self,
+        vocabulary: Sequence[str] = VOCABULARY,
+        *,
+        key: str | None = "test-key",
+        secret: str | None = "test-secret",
+        delay_frames: int = 6,
+        idle_close_seconds: float = 30.0,
+        cold_start_seconds: float = 0.0,
+        handshake_gate: asyncio.Event | None = None,
+        drop_after_frames: int | None = None,
+        legacy: bool = False,
+        ping_every_frames: int = 0,
+    ) -> None:
+        self.vocabulary = list(vocabulary)
+        self.key = key
+        self.secret = secret
+        self.delay_frames = delay_frames
+        self.idle_close_seconds = idle_close_seconds
+        self.cold_start_seconds = cold_start_seconds
+        self.handshake_gate = handshake_gate
+        self.drop_after_frames = drop_after_frames
+        self.legacy = legacy
+        self.ping_every_frames = ping_every_frames
+        # observations
+        self.handshakes = 0
+        self.rejected = 0
+        self.connections = 0
+        self.frames_received = 0
+        self.words_sent: list[str] = []
+        self.idle_closes = 0
+        self.drops = 0
+        self.bad_frames = 0
+        self.client_closes = 0
+        self.client_closed = asyncio.Event()
+        self.idle_closed = asyncio.Event()
+        self.handshake_started = asyncio.Event()
+        self._server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"ws://127.0.0.1:{port}/v1/stream"
+
+    async def __aenter__(self) -> FakeModalKyutai:
+        self._server = await serve(self._handle, "127.0.0.1", 0, process_request=self._process_request)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def _authorised(self, headers: Headers) -> bool:
+        if self.key is not None and headers.get("Modal-Key") != self.key:
+            return False
+        return not (self.secret is not None and headers.get("Modal-Secret") != self.secret)
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.handshakes += 1
+        self.handshake_started.set()
+        if self.handshake_gate is not None:
+            await self.handshake_gate.wait()
+        if self.cold_start_seconds:
+            await asyncio.sleep(self.cold_start_seconds)  # the knob itself, not a sync
+        if not self._authorised(request.headers):
+            self.rejected += 1
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
+        return None
+
+    async def _send_word(self, ws: ServerConnection, text: str) -> None:
+        self.words_sent.append(text)
+        if not self.legacy:
+            await ws.send(json.dumps({"type": "token", "text": text}))
+            return
+        half = max(1, len(text) // 2) if len(text) >= 4 else len(text)
+        await ws.send(json.dumps({"type": "token", "text": " " + text[:half]}))
+        if text[half:]:
+            await ws.send(json.dumps({"type": "token", "text": text[half:]}))
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        connection_number = self.connections
+        model = Recogniser()
+        pending: list[tuple[int, int]] = []  # (due received count, word id)
+        vad_armed = False
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), self.idle_close_seconds)
+                except TimeoutError:
+                    self.idle_closes += 1
+                    self.idle_closed.set()
+                    await ws.close(1000, "idle")
+                    return
+                if isinstance(message, str) or len(message) % 4:
+                    self.bad_frames += 1
+                    continue
+                samples = np.frombuffer(message, dtype="<f4")
+                self.frames_received += 1
+                _, ended = model.feed(decode_frame(samples))
+                if ended is not None:
+                    pending.append((ended[0] + self.delay_frames, ended[1]))
+                while pending and pending[0][0] <= model.received:
+                    _, word_id = pending.pop(0)
+                    text = self.vocabulary[word_id % len(self.vocabulary)]
+                    await self._send_word(ws, text)
+                    vad_armed = True
+                if self.legacy and vad_armed and not pending and model.silence_run >= 8:
+                    vad_armed = False
+                    await ws.send(json.dumps({"type": "vad_end"}))
+                if self.ping_every_frames and model.received % self.ping_every_frames == 0:
+                    await ws.send(json.dumps({"type": "ping"}))
+                if (
+                    self.drop_after_frames is not None
+                    and connection_number == 1
+                    and model.received >= self.drop_after_frames
+                ):
+                    self.drops += 1
+                    ws.transport.abort()  # a dropped connection: no close frame, no flush
+                    return
+        except ConnectionClosed:
+            self.client_closes += 1
+            self.client_closed.set()
+            return
