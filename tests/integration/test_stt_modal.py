@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 
 from live_transcription.stt.base import Pause, StreamError, SttEvent, SttStream, Word
 from live_transcription.stt.clock import ManualClock
@@ -11,6 +10,8 @@ from live_transcription.stt.modal import ModalEngine
 from live_transcription.stt.remote import RemoteOptions
 from tests.fakes import VOCABULARY, speech
 from tests.fakes.modal_kyutai import FakeModalKyutai
+from tests.fakes.streams import advance_until_pause as advance_to_pause
+from tests.fakes.streams import collect_until, count_words, never, words
 
 HEADERS = {"Modal-Key": "test-key", "Modal-Secret": "test-secret"}
 
@@ -26,34 +27,8 @@ def engine_for(
     )
 
 
-async def collect_until(
-    stream: SttStream, done: Callable[[list[SttEvent]], bool], timeout: float = 30.0
-) -> list[SttEvent]:
-    events: list[SttEvent] = []
-    iterator: AsyncIterator[SttEvent] = stream.events()
-    async with asyncio.timeout(timeout):
-        async for event in iterator:
-            events.append(event)
-            if done(events):
-                break
-    return events
-
-
-def words(events: list[SttEvent]) -> list[str]:
-    return [event.text for event in events if isinstance(event, Word)]
-
-
-def count_words(n: int) -> Callable[[list[SttEvent]], bool]:
-    return lambda events: len(words(events)) >= n
-
-
-async def advance_until_pause(
-    clock: ManualClock, stream: SttStream, events: list[SttEvent]
-) -> None:
-    """The quiet-period flush ends on the clock: once the flushed words are in,
-    a quiet period on the clock ends it with a Pause."""
-    clock.advance(RemoteOptions().flush_quiet_seconds)
-    events += await collect_until(stream, lambda e: isinstance(e[-1], Pause))
+async def advance_until_pause(clock: ManualClock, stream: SttStream, events: list[SttEvent]) -> None:
+    await advance_to_pause(clock, stream, events, RemoteOptions().flush_quiet_seconds)
 
 
 async def test_words_come_back_in_order_and_flush_delivers_the_last_ones() -> None:
@@ -134,24 +109,22 @@ async def test_bad_credentials_are_fatal_without_retry_loop() -> None:
         async with engine.open_stream("en") as stream:
             for frame in speech([0, 1]):
                 stream.push(frame)
-            events = await collect_until(stream, lambda e: False)
-        assert [(e.reason, e.fatal) for e in events if isinstance(e, StreamError)] == [
-            ("auth", True)
-        ]
+            events = await collect_until(stream, never)
+        assert [(e.reason, e.fatal) for e in events if isinstance(e, StreamError)] == [("auth", True)]
         assert fake.handshakes == 1
         # a speaker that reopens at once is refused without touching the server
         for _ in range(5):
             clock.advance(1.0)
             async with engine.open_stream("en") as again:
                 again.push(speech([0])[0])
-                events = await collect_until(again, lambda e: False)
+                events = await collect_until(again, never)
             assert isinstance(events[0], StreamError) and events[0].reason == "auth"
         assert fake.handshakes == 1
         # after the cool-off the engine tries once more
         clock.advance(60.0)
         async with engine.open_stream("en") as later:
             later.push(speech([0])[0])
-            await collect_until(later, lambda e: False)
+            await collect_until(later, never)
         assert fake.handshakes == 2
 
 
@@ -244,6 +217,6 @@ async def test_leaving_the_block_flushes() -> None:
 async def test_unsupported_language_is_fatal() -> None:
     engine = ModalEngine("ws://127.0.0.1:9/v1/stream", HEADERS, clock=ManualClock())
     async with engine.open_stream("xx") as stream:
-        events = await collect_until(stream, lambda e: False)
+        events = await collect_until(stream, never)
     assert isinstance(events[0], StreamError) and events[0].reason == "language"
     assert engine.connection_attempts == 0
