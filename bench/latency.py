@@ -50,44 +50,62 @@ class SendLog:
 
 @dataclass(frozen=True, slots=True)
 class WordMap:
-    """``word_packets[k]``: position in the period (0 = first talk packet) of
-    the packet that completes the audio of word k+1 of the utterance."""
+    """Where words complete, per utterance of a stream that starts in the
+    pause: ``utterances[u % len(utterances)][k]`` is the packet, counted
+    from the first talk packet of utterance u, that completes word k+1 of
+    that utterance. More than one utterance when the engine's state carries
+    across utterances (e.g. a word every n voiced frames)."""
 
     period: int
-    word_packets: tuple[int, ...]
+    utterances: tuple[tuple[int, ...], ...]
+
+    def words(self, utterance: int) -> tuple[int, ...]:
+        return self.utterances[utterance % len(self.utterances)]
 
 
-def packet_index_for(log: SendLog, offset: int, period: int, position: int, arrived: float) -> int | None:
-    """Index (in ``log``) of the newest packet at pattern ``position`` sent no
-    later than ``arrived``; the stream started at pattern position ``offset``."""
-    first = (position - offset) % period  # first index at that position
+def first_talk_index(offset: int, period: int) -> int:
+    """Index of the first talk packet of a stream started at pattern
+    position ``offset`` (talk is positions 0.. of the pattern)."""
+    return (period - offset) % period
+
+
+def current_utterance(log: SendLog, offset: int, period: int, arrived: float) -> int | None:
+    """The newest utterance (loop) whose first talk packet was sent no later
+    than ``arrived``."""
+    first = first_talk_index(offset, period)
     if log.sent <= first:
         return None
-    index = first + (log.sent - 1 - first) // period * period
-    while index >= 0:
-        sent_at = log.time_of(index)
+    loop = (log.sent - 1 - first) // period
+    while loop >= 0:
+        sent_at = log.time_of(first + loop * period)
         if sent_at is None:
             return None
         if sent_at <= arrived:
-            return index
-        index -= period
+            return loop
+        loop -= 1
     return None
 
 
 @dataclass(slots=True)
 class _SpeakerState:
     words_shown: int = 0
+    utterance: int | None = None
 
 
 @dataclass(slots=True)
 class WordLatency:
-    """Per-speaker caption state -> latencies. One owner (the emulator's loop)."""
+    """Per-speaker caption state -> latencies. One owner (the emulator's loop).
+
+    A caption's utterance is the newest one whose talk had started when its
+    first word arrived; each word's packet is then known from the map."""
 
     word_map: WordMap
     latencies: list[float] = field(default_factory=list)
     max_samples: int = 200_000
     unmatched: int = 0
-    """New words with no packet to match (more words than the map, or too old)."""
+    """New words with no packet to match (more words than the map, forgotten)."""
+    early: int = 0
+    """Words that arrived before their predicted packet was sent (the map is off)."""
     finals: int = 0
     partials: int = 0
     samples_dropped: int = 0
@@ -102,24 +120,37 @@ class WordLatency:
         """Account one transcript message; returns how many latencies it added."""
         state = self._speakers.setdefault(speaker, _SpeakerState())
         count = len(text.split())
-        added = 0
+        period = self.word_map.period
         if final:
             self.finals += 1
         else:
             self.partials += 1
+        if count > state.words_shown and state.utterance is None:
+            state.utterance = current_utterance(log, offset, period, arrived)
+        added = 0
         for k in range(state.words_shown, count):
-            if k >= len(self.word_map.word_packets):
+            if state.utterance is None:
                 self.unmatched += 1
                 continue
-            position = self.word_map.word_packets[k]
-            index = packet_index_for(log, offset, self.word_map.period, position, arrived)
-            sent_at = None if index is None else log.time_of(index)
-            if sent_at is None:
+            words = self.word_map.words(state.utterance)
+            if k >= len(words):
                 self.unmatched += 1
+                continue
+            index = first_talk_index(offset, period) + state.utterance * period + words[k]
+            sent_at = log.time_of(index)
+            if sent_at is None or sent_at > arrived:
+                if sent_at is None and index < log.sent:
+                    self.unmatched += 1
+                else:
+                    self.early += 1
                 continue
             self._add(arrived - sent_at)
             added += 1
-        state.words_shown = 0 if final else max(state.words_shown, count)
+        if final:
+            state.words_shown = 0
+            state.utterance = None
+        else:
+            state.words_shown = max(state.words_shown, count)
         return added
 
     def _add(self, latency: float) -> None:
@@ -134,17 +165,25 @@ class WordLatency:
         return taken
 
 
-def word_map_from_events(period: int, events: Sequence[tuple[str, int]]) -> WordMap:
-    """Build the map from an offline run over at least two periods:
-    ``events`` are ("word" | "pause", absolute packet index) in order. The
-    last complete utterance is used (the first may be cut short)."""
-    utterances: list[list[int]] = [[]]
+def word_map_from_events(period: int, first_talk: int, events: Sequence[tuple[str, int]]) -> WordMap:
+    """Build the map from an offline run that started in the pause, with
+    its first talk packet at index ``first_talk``: ``events`` are ("word",
+    packet index) in order (the packet after which the word came out). The
+    shortest repeating cycle of per-utterance word positions is kept."""
+    loops: dict[int, list[int]] = {}
     for kind, index in events:
-        if kind == "word":
-            utterances[-1].append(index)
-        elif kind == "pause" and utterances[-1]:
-            utterances.append([])
-    complete = [u for u in utterances[:-1] if u] or [u for u in utterances if u]
-    if not complete:
+        if kind != "word" or index < first_talk:
+            continue
+        loop, position = divmod(index - first_talk, period)
+        loops.setdefault(loop, []).append(position)
+    if not loops:
         raise ValueError("the offline run produced no words")
-    return WordMap(period, tuple(index % period for index in complete[-1]))
+    count = max(loops) + 1
+    utterances = [tuple(loops.get(loop, ())) for loop in range(count)]
+    # the last loop may be cut short by the end of the run: leave it out
+    if count > 1:
+        utterances = utterances[:-1]
+    for cycle in range(1, len(utterances) // 2 + 1):
+        if all(utterances[i] == utterances[i + cycle] for i in range(len(utterances) - cycle)):
+            return WordMap(period, tuple(utterances[:cycle]))
+    return WordMap(period, tuple(utterances))

@@ -522,6 +522,7 @@ class LoadGenerator:
             "words_matched": self.counters.words_seen,
             "latencies": wl.take() if wl is not None and reset else (list(wl.latencies) if wl else []),
             "unmatched_words": wl.unmatched if wl else 0,
+            "early_words": wl.early if wl else 0,
             "finals": wl.finals if wl else 0,
             "partials": wl.partials if wl else 0,
             "subscriptions": len(self.bridge.subscriptions),
@@ -537,7 +538,7 @@ class LoadGenerator:
             ticker.reset_stats()
             self.counters = Counters()
             if wl is not None:
-                wl.unmatched = wl.finals = wl.partials = 0
+                wl.unmatched = wl.early = wl.finals = wl.partials = 0
         return result
 
 
@@ -580,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     word_map = None
     if args.word_map:
         raw = json.loads(args.word_map)
-        word_map = WordMap(int(raw["period"]), tuple(int(p) for p in raw["word_packets"]))
+        word_map = WordMap(
+            int(raw["period"]), tuple(tuple(int(p) for p in words) for words in raw["utterances"])
+        )
     generator = LoadGenerator(args.internal_secret, word_map, patterns)
     asyncio.run(generator.run(args.max_seconds))
     return 0

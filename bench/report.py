@@ -284,7 +284,8 @@ def profile_section(profile: Json) -> str:
 def markdown(results: Json, images: dict[str, str]) -> str:
     m = results.get("machine", {})
     pattern = results["pattern"]
-    words = len((results.get("word_map") or {}).get("word_packets", ())) or "an unknown number of"
+    utterances = (results.get("word_map") or {}).get("utterances") or []
+    words = "/".join(str(len(u)) for u in utterances) or "an unknown number of"
     parts = [
         "# Benchmarks",
         "",

@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -50,6 +51,7 @@ Json = dict[str, Any]
 
 TALK_MS = 3000
 PAUSE_MS = 1500
+WORD_MAP_LOOPS = 13
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -74,6 +76,7 @@ class Options:
     img: Path = ROOT / "docs" / "img"
     work: Path = Path("/tmp/bench")
     max_seconds: float = 3 * 3600
+    service_cmd: str = ""
 
 
 def _free_port() -> int:
@@ -221,11 +224,11 @@ class Service:
             "LT_LOG_LEVEL": "WARNING",
             "LT_PARTIAL_INTERVAL_MS": str(self._opts.partial_interval_ms),
         }
-        binary = VENV_BIN / "live-transcription"
+        command = shlex.split(self._opts.service_cmd) or [str(VENV_BIN / "live-transcription"), "serve"]
         log_file = (self._work / f"service-{self._label}.log").open("ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                str(binary), "serve", env=env, cwd=ROOT, stdout=log_file, stderr=log_file
+                *command, env=env, cwd=ROOT, stdout=log_file, stderr=log_file
             )
         finally:
             log_file.close()
@@ -297,16 +300,15 @@ class Service:
 
 
 async def compute_word_map(pattern: Pattern) -> WordMap | None:
-    """Run the service's own audio gate and its zero-delay engine over three
+    """Run the service's own audio gate and its zero-delay engine over several
     periods of the pattern, offline, and note after which packet each word
     came out. None when the instant engine cannot be loaded."""
     try:
-        from live_transcription.stt.factory import create_engine  # type: ignore[import-not-found,unused-ignore]
-
         from live_transcription.audio.pipeline import SpeakerAudio
         from live_transcription.config import load_settings
         from live_transcription.media.packet import OpusRtp
         from live_transcription.stt.base import Pause, Word
+        from live_transcription.stt.factory import create_engine  # type: ignore[import-not-found,unused-ignore]
 
         engine = create_engine(load_settings(LT_STT_ENGINE="instant"))
     except Exception as exc:
@@ -326,9 +328,11 @@ async def compute_word_map(pattern: Pattern) -> WordMap | None:
 
             reader = tasks.create_task(read())
             audio = SpeakerAudio(on_frame=stream.push, on_speech_end=stream.end_of_speech)
-            for index in range(3 * pattern.period):
+            # a live stream starts in the pause: so does this one
+            start = pattern.talk_packets
+            for index in range(WORD_MAP_LOOPS * pattern.period):
                 current = index
-                position = index % pattern.period
+                position = (start + index) % pattern.period
                 audio.feed(
                     OpusRtp(
                         pattern.payloads[position],
@@ -345,8 +349,8 @@ async def compute_word_map(pattern: Pattern) -> WordMap | None:
             reader.cancel()
     finally:
         await engine.aclose()
-    word_map = word_map_from_events(pattern.period, events)
-    log.info("word map: %d words per utterance at %s", len(word_map.word_packets), word_map.word_packets)
+    word_map = word_map_from_events(pattern.period, pattern.pause_packets, events)
+    log.info("word map: %s", word_map.utterances)
     return word_map
 
 
@@ -367,6 +371,7 @@ class Window:
     service_latency_ms: dict[str, float] = field(default_factory=dict)
     words: int = 0
     unmatched_words: int = 0
+    early_words: int = 0
     frames_dropped: float = 0.0
     drops: dict[str, float] = field(default_factory=dict)
     packets: dict[str, float] = field(default_factory=dict)
@@ -410,6 +415,7 @@ async def measure(
     }
     window.words = len(latencies)
     window.unmatched_words = int(stats["unmatched_words"])
+    window.early_words = int(stats["early_words"])
     window.drops = analysis.by_label(changed, "live_transcription_audio_frames_dropped_total", "reason")
     window.frames_dropped = sum(window.drops.values())
     window.packets = analysis.by_label(changed, "live_transcription_audio_packets_total", "kind")
@@ -776,6 +782,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--max-hours", type=float, default=3.0, help="hard stop of everything")
     parser.add_argument("--from-results", type=Path, help="only write the report from a results.json")
+    parser.add_argument(
+        "--service-cmd", default="", help="command that runs the service (default: live-transcription serve)"
+    )
     args = parser.parse_args(argv)
     scenarios = ["active", "silent", "churn", "soak"] if args.scenario == "all" else args.scenario.split(",")
     unknown = set(scenarios) - {"active", "silent", "churn", "soak"}
@@ -799,6 +808,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         img=args.img,
         work=args.work,
         max_seconds=args.max_hours * 3600,
+        service_cmd=args.service_cmd,
     )
     shown = ["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
     if args.from_results:
@@ -808,11 +818,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     opts, command = parse_args(argv)
     if "--from-results" in (argv if argv is not None else sys.argv):
         results = json.loads((opts.work / "results.json").read_text())
     else:
-        if shutil.which("live-transcription", path=str(VENV_BIN)) is None:
+        if not opts.service_cmd and shutil.which("live-transcription", path=str(VENV_BIN)) is None:
             print("live-transcription is not installed in this venv", file=sys.stderr)
             return 2
         try:

@@ -16,7 +16,14 @@ from bench.analysis import (
     top_self,
     total,
 )
-from bench.latency import SendLog, WordLatency, WordMap, packet_index_for, word_map_from_events
+from bench.latency import (
+    SendLog,
+    WordLatency,
+    WordMap,
+    current_utterance,
+    first_talk_index,
+    word_map_from_events,
+)
 from bench.patterns import SILENT_LEVEL, audio_level, build_pattern
 
 PERIOD = 10
@@ -39,21 +46,21 @@ def test_send_log_forgets_beyond_its_capacity() -> None:
     assert log.time_of(-1) is None
 
 
-def test_newest_packet_at_a_position_sent_before_arrival() -> None:
-    # packet i sent at time i; the stream started at pattern position 3
-    log = _log([float(i) for i in range(35)])
-    # position 5 is at indices 2, 12, 22, 32
-    assert packet_index_for(log, 3, PERIOD, 5, arrived=33.0) == 32
-    assert packet_index_for(log, 3, PERIOD, 5, arrived=31.5) == 22
-    assert packet_index_for(log, 3, PERIOD, 5, arrived=1.0) is None
-    # position 2 -> indices 9, 19, 29
-    assert packet_index_for(log, 3, PERIOD, 2, arrived=100.0) == 29
+def test_the_current_utterance_is_the_newest_talk_start_sent() -> None:
+    # packet i sent at time i; the stream started at pattern position 6:
+    # talk (position 0) starts at indices 4, 14, 24
+    log = _log([float(i) for i in range(30)])
+    assert first_talk_index(6, PERIOD) == 4
+    assert first_talk_index(0, PERIOD) == 0
+    assert current_utterance(log, 6, PERIOD, arrived=15.0) == 1
+    assert current_utterance(log, 6, PERIOD, arrived=29.5) == 2
+    assert current_utterance(log, 6, PERIOD, arrived=3.0) is None
 
 
 def test_each_new_word_of_a_partial_gets_one_latency() -> None:
     log = _log([float(i) for i in range(25)])
-    latency = WordLatency(WordMap(PERIOD, (2, 4, 6)))
-    # words 1 and 2 of the utterance end at positions 2 and 4: indices 12 and 14 (offset 0)
+    latency = WordLatency(WordMap(PERIOD, ((2, 4, 6),)))
+    # utterance 1 starts at index 10: words 1 and 2 end at indices 12 and 14
     added = latency.on_transcript("s", "w1 w2", final=False, arrived=14.25, log=log, offset=0)
     assert added == 2
     assert latency.latencies == pytest.approx([2.25, 0.25])
@@ -65,23 +72,41 @@ def test_each_new_word_of_a_partial_gets_one_latency() -> None:
     assert latency.on_transcript("s", "w1 w2 w3", final=True, arrived=17.0, log=log, offset=0) == 0
     assert latency.on_transcript("s", "w4", final=False, arrived=22.5, log=log, offset=0) == 1
     assert latency.latencies[-1] == pytest.approx(0.5)
-    assert (latency.partials, latency.finals, latency.unmatched) == (4, 1, 0)
+    assert (latency.partials, latency.finals, latency.unmatched, latency.early) == (4, 1, 0, 0)
 
 
-def test_words_beyond_the_map_or_before_any_packet_are_unmatched() -> None:
-    latency = WordLatency(WordMap(PERIOD, (2,)))
-    log = _log([0.0, 1.0])
-    assert latency.on_transcript("s", "a b", final=False, arrived=5.0, log=log, offset=0) == 0
-    assert latency.unmatched == 2
-    taken = latency.take()
-    assert taken == [] and latency.latencies == []
+def test_engine_state_across_utterances_is_followed() -> None:
+    log = _log([float(i) for i in range(40)])
+    latency = WordLatency(WordMap(PERIOD, ((3,), (5,))))
+    assert latency.on_transcript("s", "a", final=False, arrived=3.5, log=log, offset=0) == 1
+    latency.on_transcript("s", "a", final=True, arrived=9.0, log=log, offset=0)
+    assert latency.on_transcript("s", "b", final=False, arrived=15.25, log=log, offset=0) == 1
+    latency.on_transcript("s", "b", final=True, arrived=19.0, log=log, offset=0)
+    assert latency.on_transcript("s", "c", final=False, arrived=23.5, log=log, offset=0) == 1
+    assert latency.latencies == pytest.approx([0.5, 0.25, 0.5])
 
 
-def test_word_map_uses_the_last_complete_utterance() -> None:
-    events = [("word", 3), ("pause", 9), ("word", 12), ("word", 14), ("pause", 18), ("word", 22)]
-    assert word_map_from_events(PERIOD, events) == WordMap(PERIOD, (2, 4))
+def test_words_beyond_the_map_or_before_their_packet_are_counted() -> None:
+    latency = WordLatency(WordMap(PERIOD, ((2,),)))
+    log = _log([float(i) for i in range(12)])
+    assert latency.on_transcript("s", "a b", final=False, arrived=11.5, log=log, offset=0) == 0
+    # utterance 1 (index 10): word 1 predicted at index 12, not sent yet
+    assert (latency.early, latency.unmatched) == (1, 1)
+    before_talk = WordLatency(WordMap(PERIOD, ((2,),)))
+    assert before_talk.on_transcript("s", "a", final=False, arrived=0.5, log=_log([0.0]), offset=5) == 0
+    assert before_talk.unmatched == 1
+    assert latency.take() == [] and latency.latencies == []
+
+
+def test_word_map_finds_the_cycle_of_utterances() -> None:
+    # first talk at index 5; loops of 10: words at positions (1, 3), (2,), (1, 3), (2,), cut
+    events = [("word", 6), ("word", 8), ("pause", 9), ("word", 17), ("word", 26), ("word", 28)]
+    events += [("word", 37), ("word", 46)]
+    assert word_map_from_events(PERIOD, 5, events) == WordMap(PERIOD, ((1, 3), (2,)))
+    steady = [("word", 5 + 10 * loop + 4) for loop in range(5)]
+    assert word_map_from_events(PERIOD, 5, steady) == WordMap(PERIOD, ((4,),))
     with pytest.raises(ValueError):
-        word_map_from_events(PERIOD, [("pause", 3)])
+        word_map_from_events(PERIOD, 5, [("pause", 3), ("word", 2)])
 
 
 def test_audio_levels_follow_rfc_6465() -> None:
