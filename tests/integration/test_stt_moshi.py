@@ -66,7 +66,7 @@ async def test_reconnect_mid_utterance_loses_and_duplicates_nothing() -> None:
         assert fake.drops == 1 and fake.connections == 2
         assert stream.duplicates_dropped > 0  # type: ignore[attr-defined]
         # the replayed words kept their stream times
-        starts = [e.audio_start for e in events if isinstance(e, Word)]
+        starts = [e.audio_start or 0.0 for e in events if isinstance(e, Word)]
         assert starts == sorted(starts)
         assert starts[-1] == (len(ids) - 1) * 4 * 0.08
 
