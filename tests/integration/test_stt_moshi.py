@@ -137,4 +137,4 @@ async def test_server_idle_close_is_survived() -> None:
 
 async def test_auth_by_query_parameter_is_accepted_by_the_fake() -> None:
     async with FakeMoshiServer() as fake, connect(fake.url + "?auth_id=test-key") as ws:
-        assert b"Ready" in await ws.recv()  # type: ignore[operator]
+        assert b"Ready" in await ws.recv(decode=False)
