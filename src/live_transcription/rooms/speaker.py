@@ -78,6 +78,7 @@ class Speaker:
         self._changed = asyncio.Event()
         self._stopping = False
         self._pending_word_end: float | None = None
+        self._local_candidates: list[ports.LocalCandidate] | None = []  # None once answered
         self.end_reason: str | None = None
         self.engine_failure: str | None = None
         self.words = 0
@@ -120,6 +121,10 @@ class Speaker:
                     log.warning("speaker %s: offer refused: %s", label, exc)
                     return
                 self.context.link.send_answer(label, self.context.offer.sid, answer)
+                # candidates gathered while answering follow the answer, never precede it
+                early, self._local_candidates = self._local_candidates or [], None
+                for candidate in early:
+                    self._send_candidate(candidate)
                 async with asyncio.TaskGroup() as tasks:
                     side = [
                         tasks.create_task(self._apply_candidates(peer)),
@@ -153,6 +158,10 @@ class Speaker:
             self._stream.end_of_speech()
 
     def _send_candidate(self, candidate: ports.LocalCandidate) -> None:
+        if self._local_candidates is not None:
+            if len(self._local_candidates) < 64:
+                self._local_candidates.append(candidate)
+            return
         self.context.link.send_candidate(self.context.session_id, self.context.offer.sid, candidate)
 
     # --- tasks -------------------------------------------------------------------------------
@@ -164,15 +173,14 @@ class Speaker:
             builder = CaptionBuilder(
                 separator=self._separator(language), max_seconds=self._max_caption_seconds
             )
-            async with asyncio.TaskGroup() as tasks:
-                async with self._engine.open_stream(language) as stream:
-                    self._stream = stream
-                    self._stream_frames = 0
-                    reader = tasks.create_task(self._read_events(stream, builder))
-                    changed = tasks.create_task(self._changed.wait())
-                    await asyncio.wait((reader, changed), return_when=asyncio.FIRST_COMPLETED)
-                    changed.cancel()
-                    self._stream = None  # leaving the block flushes; the reader gets the rest
+            async with asyncio.TaskGroup() as tasks, self._engine.open_stream(language) as stream:
+                self._stream = stream
+                self._stream_frames = 0
+                reader = tasks.create_task(self._read_events(stream, builder))
+                changed = tasks.create_task(self._changed.wait())
+                await asyncio.wait((reader, changed), return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                self._stream = None  # leaving the block flushes; the reader gets the rest
             self._publish(builder.flush())
             if self.engine_failure is not None:
                 # the engine cannot work (e.g. credentials): wait for a change, do not spin
