@@ -9,7 +9,11 @@ prometheus_client's process collector (``process_resident_memory_bytes``,
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 PREFIX = "live_transcription"
 
@@ -20,13 +24,9 @@ captions_dropped = Counter(
     f"{PREFIX}_captions_dropped", "Transcript messages dropped before sending", ["reason"]
 )
 words_in = Counter(f"{PREFIX}_words", "Words received from the STT engine", ["engine"])
-audio_frames_dropped = Counter(
-    f"{PREFIX}_audio_frames_dropped", "80 ms audio frames dropped", ["reason"]
-)
+audio_frames_dropped = Counter(f"{PREFIX}_audio_frames_dropped", "80 ms audio frames dropped", ["reason"])
 audio_packets = Counter(f"{PREFIX}_audio_packets", "RTP audio packets received", ["kind"])
-hpb_reconnects = Counter(
-    f"{PREFIX}_hpb_reconnects", "HPB reconnection attempts by outcome", ["outcome"]
-)
+hpb_reconnects = Counter(f"{PREFIX}_hpb_reconnects", "HPB reconnection attempts by outcome", ["outcome"])
 stt_streams = Counter(
     f"{PREFIX}_stt_stream_events", "STT stream opens, failures and reconnects", ["engine", "event"]
 )
@@ -42,3 +42,43 @@ caption_latency = Histogram(
     "From the arrival of the audio that ended a word to its caption leaving for the HPB",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
 )
+
+
+class _StateCollector:
+    """Rooms, speakers and targets, read from the Manager at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], StateSnapshot] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.source is None:
+            return
+        snapshot = self.source()
+        for name, doc, value in (
+            ("rooms", "Rooms joined", snapshot.rooms),
+            ("rooms_reconnecting", "Rooms whose HPB link is reconnecting", snapshot.rooms_reconnecting),
+            ("speakers", "Speakers being captioned", snapshot.speakers),
+            ("speakers_waiting", "Speakers in a call but not captioned", snapshot.speakers_waiting),
+            ("targets", "Participants receiving captions", snapshot.targets),
+            ("targets_pending", "Targets whose HPB session is not known yet", snapshot.targets_pending),
+        ):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    rooms: int
+    rooms_reconnecting: int
+    speakers: int
+    speakers_waiting: int
+    targets: int
+    targets_pending: int
+
+
+_state = _StateCollector()
+REGISTRY.register(_state)
+
+
+def observe_state(source: Callable[[], StateSnapshot] | None) -> None:
+    """Point the state gauges at the running service (None at shutdown)."""
+    _state.source = source

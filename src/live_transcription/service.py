@@ -17,6 +17,7 @@ import aiohttp
 import psutil
 from aiortc import RTCIceServer
 
+from live_transcription import metrics
 from live_transcription.api.app import Runtime
 from live_transcription.api.appapi import outgoing_headers
 from live_transcription.clock import Clock, MonotonicClock
@@ -152,6 +153,7 @@ async def running_service(
             max_rooms=settings.max_rooms,
             provider_failure=engine.failure,
         )
+        metrics.observe_state(lambda: _snapshot(manager))
         async with manager:
             log.info("service ready: engine %s, languages %s", engine.name, ", ".join(sorted(languages)))
 
@@ -168,4 +170,17 @@ async def running_service(
             )
             log.info("shutting down: leaving %d room(s)", len(manager.rooms()))
     finally:
+        metrics.observe_state(None)
         await engine.aclose()
+
+
+def _snapshot(manager: Manager) -> metrics.StateSnapshot:
+    rooms = manager.rooms()
+    return metrics.StateSnapshot(
+        rooms=len(rooms),
+        rooms_reconnecting=sum(1 for room in rooms if room.link_state == "reconnecting"),
+        speakers=sum(room.speakers for room in rooms),
+        speakers_waiting=sum(room.waiting_speakers for room in rooms),
+        targets=sum(room.targets for room in rooms),
+        targets_pending=sum(room.pending_targets for room in rooms),
+    )

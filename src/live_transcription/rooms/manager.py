@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from live_transcription import metrics
 from live_transcription.clock import Clock, MonotonicClock
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
@@ -202,6 +203,7 @@ class Manager:
         )
         self._rooms[token] = room
         self.rooms_opened += 1
+        metrics.rooms_opened.inc()
         room.task = self._tasks.create_task(self._run_room(room), name=f"room-{token[:4]}")
         return room
 
@@ -214,6 +216,7 @@ class Manager:
             if self._rooms.get(room.token) is room:
                 del self._rooms[room.token]
             self.rooms_closed += 1
+            metrics.rooms_closed.labels(room.closed_reason or "unknown").inc()
 
     async def _give_up(self, room: Room, reason: str) -> None:
         room.stop(reason)

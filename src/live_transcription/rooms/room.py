@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from live_transcription import metrics
 from live_transcription.clock import Clock
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
@@ -314,6 +315,7 @@ class Room:
             return
         if not self._admission.can_admit(len(self._speakers)):
             self.stats.speakers_refused += 1
+            metrics.speakers_refused.labels("caps").inc()
             log.warning(
                 "room %s: speaker %s not captioned: %s",
                 _short(self.token),
@@ -343,6 +345,7 @@ class Room:
             self._admission.release()
         elif not self._admission.can_admit(len(self._speakers)):
             self.stats.speakers_refused += 1
+            metrics.speakers_refused.labels("caps").inc()
             log.warning("room %s: offer from %s refused: caps reached", _short(self.token), offer.speaker)
             return
         context = SpeakerContext(
@@ -380,6 +383,7 @@ class Room:
         targets = self._targets.resolved()
         if link is None or not targets:
             self.stats.captions_without_target += 1
+            metrics.captions_dropped.labels("no-target").inc()
             return
         link.send_transcript(targets, speaker, text, final, self.language)
         self.stats.captions_sent += 1
