@@ -4,6 +4,7 @@ py-spy profiles. No I/O."""
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -88,15 +89,21 @@ class ProfileEntry:
     """Fraction of all samples (0..1)."""
 
 
-def parse_collapsed(lines: Iterable[str]) -> Counter[tuple[str, ...]]:
+_LINE = re.compile(r":\d+\)$")
+
+
+def parse_collapsed(lines: Iterable[str], *, by_function: bool = True) -> Counter[tuple[str, ...]]:
     """py-spy ``--format raw`` (collapsed stacks: ``a;b;c 42``) -> stack
-    counts. Bad lines are skipped."""
+    counts. ``by_function`` drops the line numbers (``f (file.py:12)`` ->
+    ``f (file.py)``) so a function's lines add up. Bad lines are skipped."""
     stacks: Counter[tuple[str, ...]] = Counter()
     for line in lines:
         stack, _, count = line.rstrip().rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = tuple(frame.strip() for frame in stack.split(";") if frame.strip())
+        if by_function:
+            frames = tuple(_LINE.sub(")", frame) for frame in frames)
         if frames:
             stacks[frames] += int(count)
     return stacks

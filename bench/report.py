@@ -275,9 +275,9 @@ def profile_section(profile: Json) -> str:
         f"py-spy, {profile.get('samples', 0)} samples at 100 Hz over {profile['seconds'] / 2:.0f} s "
         f"(flame graph: `{profile['svg']}`, not committed).\n\n"
         "Where the samples were (leaf function, self time):\n\n"
-        + table(["function (file:line)", "share of samples"], self_rows)
+        + table(["function (file)", "share of samples"], self_rows)
         + "\n\nOn the stack (inclusive, top-level frames left out):\n\n"
-        + table(["function (file:line)", "share of samples"], incl_rows)
+        + table(["function (file)", "share of samples"], incl_rows)
     )
 
 

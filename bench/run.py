@@ -71,7 +71,7 @@ class Options:
     soak_speakers: int = 50
     partial_interval_ms: int = 0
     profile_at: int = 100
-    profile_seconds: float = 20.0
+    profile_seconds: float = 30.0
     out: Path = ROOT / "docs" / "benchmarks.md"
     img: Path = ROOT / "docs" / "img"
     work: Path = Path("/tmp/bench")
@@ -776,7 +776,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser.add_argument("--soak-speakers", type=int, default=50)
     parser.add_argument("--partial-interval-ms", type=int, default=0, help="LT_PARTIAL_INTERVAL_MS")
     parser.add_argument("--profile-at", type=int, default=100, help="profile at this N (0: never)")
-    parser.add_argument("--profile-seconds", type=float, default=20.0)
+    parser.add_argument("--profile-seconds", type=float, default=30.0, help="half raw, half flame graph")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))

@@ -172,7 +172,7 @@ def test_collapsed_stacks_rank_self_and_inclusive_time() -> None:
         "garbage line",
         "",
     ]
-    stacks = parse_collapsed(lines)
+    stacks = parse_collapsed(lines, by_function=False)
     assert sum(stacks.values()) == 100
     leaves = top_self(stacks)
     assert [(e.function, e.share) for e in leaves] == [
@@ -183,3 +183,5 @@ def test_collapsed_stacks_rank_self_and_inclusive_time() -> None:
     inclusive = {e.function: e.share for e in top_inclusive(stacks)}
     assert inclusive["main (a.py:1)"] == 1.0
     assert inclusive["loop (a.py:2)"] == 0.9
+    merged = parse_collapsed(["f (a.py:1);g (b.py:2) 3", "f (a.py:1);g (b.py:7) 4"])
+    assert [(e.function, e.share) for e in top_self(merged)] == [("g (b.py)", 1.0)]
