@@ -19,11 +19,10 @@ from aiortc import RTCIceServer
 
 from live_transcription import metrics
 from live_transcription.api.app import Runtime
-from live_transcription.api.appapi import outgoing_headers
 from live_transcription.clock import Clock, MonotonicClock
 from live_transcription.config import Settings
 from live_transcription.hpb.connection import HpbLinkFactory
-from live_transcription.hpb.ice import fetch_ice_servers
+from live_transcription.hpb.ice import app_api_headers, fetch_ice_servers
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.manager import Manager
@@ -82,7 +81,11 @@ def ice_server_source(settings: Settings) -> Callable[[], Any]:
             return []
 
         return no_servers
-    headers = outgoing_headers(settings.app_id, settings.app_version, settings.app_secret.get_secret_value())
+    headers = app_api_headers(
+        app_id=settings.app_id,
+        app_version=settings.app_version,
+        app_secret=settings.app_secret.get_secret_value(),
+    )
 
     async def fetch() -> Sequence[RTCIceServer]:
         return await fetch_ice_servers(
@@ -98,7 +101,11 @@ async def report_init_done(settings: Settings) -> None:
     if not settings.nextcloud_url:
         return
     url = f"{settings.nextcloud_url}/ocs/v1.php/apps/app_api/apps/status/{settings.app_id}"
-    headers = outgoing_headers(settings.app_id, settings.app_version, settings.app_secret.get_secret_value())
+    headers = app_api_headers(
+        app_id=settings.app_id,
+        app_version=settings.app_version,
+        app_secret=settings.app_secret.get_secret_value(),
+    )
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,

@@ -6,8 +6,7 @@ checked here rather than with nc_py_api's middleware because that one
 compares the secret in non-constant time, prints both secrets on a mismatch
 and answers in plain text, where Talk's contract wants JSON errors.
 
-Outgoing: the same headers authenticate us to Nextcloud (init progress,
-signaling settings).
+Outgoing requests carry the same headers: ``hpb.ice.app_api_headers``.
 """
 
 from __future__ import annotations
@@ -19,23 +18,6 @@ import json
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-AA_VERSION = "3.0.0"
-
-
-def authorization_value(user: str, secret: str) -> str:
-    return base64.b64encode(f"{user}:{secret}".encode()).decode()
-
-
-def outgoing_headers(app_id: str, app_version: str, secret: str, user: str = "") -> dict[str, str]:
-    return {
-        "EX-APP-ID": app_id,
-        "EX-APP-VERSION": app_version,
-        "AA-VERSION": AA_VERSION,
-        "AUTHORIZATION-APP-API": authorization_value(user, secret),
-        "OCS-APIRequest": "true",
-        "Accept": "application/json",
-    }
 
 
 def check_request(headers: dict[str, str], app_id: str, secret: str) -> str | None:

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from .janus import JanusClient, JanusClosed, JanusError, JanusHandle
 from .publisher import Publisher, create_room
@@ -25,21 +24,6 @@ log = logging.getLogger(__name__)
 
 # VideoRoom error codes meaning "there is no such feed (any more)".
 NO_SUCH_FEED_CODES = frozenset({428, 435})
-
-
-class MediaBridge(Protocol):
-    async def request_offer(self, subscriber: str, publisher: str) -> tuple[str, str]:
-        """Subscribe `subscriber` to `publisher`'s media; return (sid, offer_sdp).
-        LookupError if the publisher has no media."""
-
-    async def answer(self, subscriber: str, publisher: str, sid: str, sdp: str) -> None: ...
-
-    async def candidate(
-        self, subscriber: str, publisher: str, sid: str, candidate: dict[str, object]
-    ) -> None: ...
-
-    async def close_subscriber(self, subscriber: str) -> None:
-        """The subscriber's session left: close its subscriptions."""
 
 
 @dataclass(slots=True)
