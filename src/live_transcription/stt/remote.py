@@ -40,7 +40,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -603,8 +602,3 @@ class RemoteEngine(SttEngine):
                 yield stream
             finally:
                 stream.request_close()
-
-
-def describe(headers: Mapping[str, Any]) -> str:
-    """Header names only, for logs (values are secrets)."""
-    return ", ".join(sorted(headers))
