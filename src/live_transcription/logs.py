@@ -39,8 +39,11 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        if record.levelno >= logging.WARNING and getattr(record, "repeats", 0):
-            entry["repeats"] = record.repeats
+        repeats = record.__dict__.get("repeats", 0)
+        if repeats:
+            entry["repeats"] = repeats
+        else:
+            entry.pop("repeats", None)
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -69,6 +72,19 @@ class RepeatLimiter(logging.Filter):
         while len(self._seen) > self.max_keys:  # bounded like everything else
             self._seen.popitem(last=False)
         return True
+
+
+def short_token(token: str) -> str:
+    """Room tokens are semi-secret (they open the room): logs carry a prefix only."""
+    return token[:4] + "…" if len(token) > 4 else token
+
+
+def fields(room: str, speaker: str | None = None) -> dict[str, str]:
+    """``extra`` for a log line about a room (and a speaker): ``room`` is shortened."""
+    entry = {"room": short_token(room)}
+    if speaker is not None:
+        entry["speaker"] = speaker
+    return entry
 
 
 def setup_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = ()) -> None:

@@ -12,23 +12,45 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 PREFIX = "live_transcription"
 
 captions_sent = Counter(
-    f"{PREFIX}_captions_sent", "Transcript messages sent to the HPB, per target", ["kind"]
+    f"{PREFIX}_captions_sent",
+    "Transcript messages sent to the HPB (one per target), when the link wrote them",
+    ["kind"],  # partial | final
 )
 captions_dropped = Counter(
-    f"{PREFIX}_captions_dropped", "Transcript messages dropped before sending", ["reason"]
+    f"{PREFIX}_captions_dropped",
+    "Transcript messages dropped before sending (one per target)",
+    ["reason"],  # throttled-superseded | hpb-down-overflow | unsent-at-close | no-target
 )
 words_in = Counter(f"{PREFIX}_words", "Words received from the STT engine", ["engine"])
-audio_frames_dropped = Counter(f"{PREFIX}_audio_frames_dropped", "80 ms audio frames dropped", ["reason"])
-audio_packets = Counter(f"{PREFIX}_audio_packets", "RTP audio packets received", ["kind"])
-hpb_reconnects = Counter(f"{PREFIX}_hpb_reconnects", "HPB reconnection attempts by outcome", ["outcome"])
+audio_frames_dropped = Counter(
+    f"{PREFIX}_audio_frames_dropped",
+    "80 ms audio frames dropped (added at each speech end and speaker end)",
+    ["reason"],  # stt-behind | no-stream
+)
+audio_packets = Counter(
+    f"{PREFIX}_audio_packets",
+    "RTP audio packets (added at each speech end and speaker end)",
+    ["kind"],  # received | silent | decoded | lost | late | concealed | decode-error
+)
+hpb_reconnects = Counter(
+    f"{PREFIX}_hpb_reconnects",
+    "HPB reconnection attempts by outcome",
+    ["outcome"],  # resumed | new-session | failed
+)
 stt_streams = Counter(
-    f"{PREFIX}_stt_stream_events", "STT stream opens, failures and reconnects", ["engine", "event"]
+    f"{PREFIX}_stt_stream_events",
+    "STT stream opens, and stream errors by reason",
+    ["engine", "event"],  # open | <reason> (non-fatal: a retry) | fatal-<reason>
+)
+stt_streams_reconnecting = Gauge(
+    f"{PREFIX}_stt_streams_reconnecting",
+    "Speakers whose STT stream lost its connection and has not recognised anything since",
 )
 speakers_refused = Counter(
     f"{PREFIX}_speakers_refused", "Speakers not captioned because a cap was reached", ["reason"]

@@ -42,6 +42,9 @@ def assess(inputs: HealthInputs) -> Health:
     reconnecting = [room for room in inputs.rooms if room.link_state == "reconnecting"]
     if reconnecting:
         degraded.append(f"{len(reconnecting)} room(s) reconnecting to the HPB")
+    stt_reconnecting = sum(room.speakers_reconnecting for room in inputs.rooms)
+    if stt_reconnecting:
+        degraded.append(f"{stt_reconnecting} STT stream(s) reconnecting")
     waiting = sum(room.waiting_speakers for room in inputs.rooms)
     if inputs.speakers_active >= inputs.speakers_cap:
         degraded.append(f"speaker cap of {inputs.speakers_cap} reached")

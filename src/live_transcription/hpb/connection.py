@@ -10,7 +10,13 @@ while the link is open. Leaving sends ``bye`` and closes the socket.
 
 Every outgoing message goes through the ``Outbox`` (bounded, control first,
 partials throttled); only the writer sends (the handshake sends before the
-writer starts).
+writer starts). Leaving gives the writer up to ``drain_seconds`` to send
+what is still queued (the last finals of a closing room), then says ``bye``.
+
+Metrics: captions are counted by kind when the writer has sent them; drops
+(superseded partials, overflow while the HPB is gone, left unsent at close)
+are added from the outbox's counters when captions are queued and at close;
+reconnection attempts are counted by outcome.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from live_transcription import metrics
 from live_transcription.clock import Clock, MonotonicClock
 from live_transcription.config import Settings
 from live_transcription.hpb import protocol
 from live_transcription.hpb.outbox import Message, Outbox, backoff_delay
 from live_transcription.hpb.participants import ParticipantsState
+from live_transcription.logs import fields, short_token
 from live_transcription.rooms.ports import (
     CallEvent,
     CandidateReceived,
@@ -47,6 +55,14 @@ from live_transcription.rooms.ports import (
 log = logging.getLogger(__name__)
 
 NOT_FATAL_ERRORS = frozenset({"client_not_found", "processing_failed"})
+
+_SENT = {kind: metrics.captions_sent.labels(kind) for kind in ("partial", "final")}
+_DROPPED_SUPERSEDED = metrics.captions_dropped.labels("throttled-superseded")
+_DROPPED_OVERFLOW = metrics.captions_dropped.labels("hpb-down-overflow")
+_DROPPED_UNSENT = metrics.captions_dropped.labels("unsent-at-close")
+_RECONNECTS = {
+    outcome: metrics.hpb_reconnects.labels(outcome) for outcome in ("resumed", "new-session", "failed")
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,7 @@ class HpbLinkFactory:
     control_limit: int = 1024
     transcript_limit: int = 512
     event_limit: int = 1024
+    drain_seconds: float = 2.0
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> HpbLinkFactory:
@@ -99,6 +116,8 @@ class _TooManyRequests(Exception):
 class HpbLink:
     def __init__(self, room: str, config: HpbLinkFactory) -> None:
         self.room = room
+        self._short = short_token(room)
+        self._fields = fields(room)
         self._cfg = config
         self._clock = config.clock
         self._ids = itertools.count(1)
@@ -120,6 +139,9 @@ class HpbLink:
         self._timer: asyncio.Task[None] | None = None
         self._timer_due = 0.0
         self._closed = False
+        self._progress = asyncio.Event()  # the writer sent something
+        self._reported_superseded = 0
+        self._reported_overflow = 0
         # counters (health, metrics, tests)
         self.malformed_frames = 0
         self.resumes = 0
@@ -171,6 +193,7 @@ class HpbLink:
         if self._closed or not targets:
             return
         self._outbox.add_transcript(targets, speaker, text, final, language, now=self._clock.now())
+        self._report_drops()
         self._wake.set()
         self._arm_timer()
 
@@ -195,19 +218,41 @@ class HpbLink:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
-        for task in (self._runner, self._timer):
-            if task is not None:
-                task.cancel()
         try:
-            if self._tasks is not None:
-                await self._tasks.__aexit__(None, None, None)
+            await self._drain()
         finally:
-            ws, self._ws = self._ws, None
-            if ws is not None:
-                await self._say_bye(ws)
-            for item in (LinkState("closed"), None):
-                with contextlib.suppress(asyncio.QueueFull):
-                    self._events.put_nowait(item)
+            for task in (self._runner, self._timer):
+                if task is not None:
+                    task.cancel()
+            try:
+                if self._tasks is not None:
+                    await self._tasks.__aexit__(None, None, None)
+            finally:
+                ws, self._ws = self._ws, None
+                if ws is not None:
+                    await self._say_bye(ws)
+                self._report_drops()
+                unsent = self._outbox.clear_transcripts()
+                if unsent:
+                    _DROPPED_UNSENT.inc(unsent)
+                    log.warning(
+                        "room %s: %d caption message(s) left unsent at close",
+                        self._short,
+                        unsent,
+                        extra=self._fields,
+                    )
+                for item in (LinkState("closed"), None):
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self._events.put_nowait(item)
+
+    async def _drain(self) -> None:
+        """Let the writer send what is queued (bounded by ``drain_seconds``)."""
+        runner = self._runner
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._cfg.drain_seconds):
+                while self._outbox.peek() is not None and runner is not None and not runner.done():
+                    self._progress.clear()
+                    await self._progress.wait()
 
     async def _say_bye(self, ws: ClientConnection) -> None:
         """Best effort: the session is released at once instead of lingering."""
@@ -272,7 +317,7 @@ class HpbLink:
         self._session_id = reply.session_id
         self._resume_id = reply.resume_id
         self._state.own_session_id = reply.session_id
-        log.info("HPB session started for room %s", self.room)
+        log.info("HPB session started for room %s", self._short, extra=self._fields)
 
     async def _resume(self, ws: ClientConnection) -> bool:
         """True when the old session lives on (still in the room)."""
@@ -312,7 +357,7 @@ class HpbLink:
                 tasks.create_task(self._read(ws))
                 tasks.create_task(self._write(ws))
         except* _ConnectionLost:
-            log.warning("HPB connection of room %s lost", self.room)
+            log.warning("HPB connection of room %s lost", self._short, extra=self._fields)
             ws.transport.abort()
 
     async def _read(self, ws: ClientConnection) -> None:
@@ -332,7 +377,10 @@ class HpbLink:
                 await ws.send(protocol.encode(message))
             except ConnectionClosed:
                 raise _ConnectionLost from None
-            self._outbox.sent(message)
+            counter = _SENT.get(self._outbox.sent(message) or "")
+            if counter is not None:
+                counter.inc()
+            self._progress.set()
 
     async def _reconnect(self) -> ClientConnection:
         lost_at = self._clock.now()
@@ -351,13 +399,17 @@ class HpbLink:
             try:
                 ws = await self._connect()
             except HpbUnavailable as exc:
-                log.warning("HPB reconnect %d of room %s failed: %s", attempt, self.room, exc)
+                _RECONNECTS["failed"].inc()
+                log.warning(
+                    "HPB reconnect %d of room %s failed: %s", attempt, self._short, exc, extra=self._fields
+                )
                 continue
             try:
                 resumable = self._clock.now() - lost_at < self._cfg.resume_window
                 if self._resume_id and resumable and await self._resume(ws):
                     self.resumes += 1
-                    log.info("HPB session of room %s resumed", self.room)
+                    _RECONNECTS["resumed"].inc()
+                    log.info("HPB session of room %s resumed", self._short, extra=self._fields)
                     return ws
                 await self._hello(ws)
                 await self._session_reset()
@@ -365,12 +417,17 @@ class HpbLink:
                 for speaker in sorted(self._requested & self._state.speakers):
                     self._control(protocol.request_offer(self._next_id(), speaker))
                 self._requested &= self._state.speakers
+                _RECONNECTS["new-session"].inc()
                 return ws
             except _TooManyRequests:
-                log.warning("HPB says too many requests: backing off longer")
+                _RECONNECTS["failed"].inc()
+                log.warning("HPB says too many requests: backing off longer", extra=self._fields)
                 attempt += self._cfg.too_many_requests_penalty
             except (HpbUnavailable, ConnectionClosed, TimeoutError, OSError) as exc:
-                log.warning("HPB reconnect %d of room %s failed: %r", attempt, self.room, exc)
+                _RECONNECTS["failed"].inc()
+                log.warning(
+                    "HPB reconnect %d of room %s failed: %r", attempt, self._short, exc, extra=self._fields
+                )
             except BaseException:
                 ws.transport.abort()
                 raise
@@ -381,8 +438,9 @@ class HpbLink:
         stale = self._outbox.clear_control()
         log.warning(
             "HPB session of room %s was replaced; %d queued control messages dropped",
-            self.room,
+            self._short,
             stale,
+            extra=self._fields,
         )
         await self._emit(SessionReset())
 
@@ -413,26 +471,34 @@ class HpbLink:
                 else:
                     self._skip_media("candidate", event.sender)
             case protocol.Error(code=code) if code in NOT_FATAL_ERRORS:
-                log.info("HPB error in room %s: %s %s", self.room, code, event.message)
+                log.info("HPB error in room %s: %s %s", self._short, code, event.message, extra=self._fields)
             case protocol.Error():
-                log.warning("HPB error in room %s: %s %s", self.room, event.code, event.message)
+                log.warning(
+                    "HPB error in room %s: %s %s", self._short, event.code, event.message, extra=self._fields
+                )
             case protocol.RoomJoined(room_id=room_id) if room_id != self.room:
-                log.warning("the HPB moved room %s's session to %r", self.room, room_id)
+                log.warning(
+                    "the HPB moved room %s's session to %s",
+                    self._short,
+                    short_token(room_id or ""),
+                    extra=self._fields,
+                )
             case protocol.Malformed():
                 self.malformed_frames += 1
                 if self.malformed_frames == 1 or self.malformed_frames % 100 == 0:
                     log.warning(
                         "skipped %d malformed HPB frame(s) in room %s: %s",
                         self.malformed_frames,
-                        self.room,
+                        self._short,
                         event.reason,
+                        extra=self._fields,
                     )
             case _:
-                log.debug("HPB event ignored: %s", type(event).__name__)
+                log.debug("HPB event ignored: %s", type(event).__name__, extra=self._fields)
 
     def _skip_media(self, what: str, sender: str) -> None:
         self.skipped_media += 1
-        log.info("skipped %s from unrequested session %s", what, sender)
+        log.info("skipped %s from unrequested session %s", what, sender, extra=self._fields)
 
     async def _emit_all(self, events: list[CallEvent]) -> None:
         for event in events:
@@ -453,16 +519,28 @@ class HpbLink:
             self._next_id(), target, speaker=speaker, text=text, final=final, language=language
         )
 
+    def _report_drops(self) -> None:
+        """Add the outbox's drop counts to the metrics (cheap: two int compares)."""
+        superseded = self._outbox.partials_superseded
+        if superseded != self._reported_superseded:
+            _DROPPED_SUPERSEDED.inc(superseded - self._reported_superseded)
+            self._reported_superseded = superseded
+        overflow = self._outbox.transcripts_dropped
+        if overflow != self._reported_overflow:
+            _DROPPED_OVERFLOW.inc(overflow - self._reported_overflow)
+            self._reported_overflow = overflow
+
     def _control(self, message: Message) -> None:
         if self._closed:
-            log.debug("link of room %s closed: %s not sent", self.room, message["type"])
+            log.debug("link of room %s closed: %s not sent", self._short, message["type"], extra=self._fields)
             return
         if not self._outbox.add_control(message):
             log.error(
                 "outgoing control queue of room %s full: %s dropped (%d so far)",
-                self.room,
+                self._short,
                 message["type"],
                 self._outbox.control_refused,
+                extra=self._fields,
             )
         self._wake.set()
 

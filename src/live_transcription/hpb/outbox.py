@@ -7,7 +7,9 @@ Two lanes, control first:
   ``transcripts_dropped`` (only happens while the HPB is gone for long).
 Partials are throttled per speaker: at most one per ``partial_interval``;
 a newer partial replaces the pending one; a final is queued at once and
-cancels the speaker's pending partial. Time is passed in by the owner.
+cancels the speaker's pending partial. A pending partial that never goes
+out is counted (per target) in ``partials_superseded``. Time is passed in
+by the owner.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import random
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 Message = dict[str, Any]
 TranscriptBuilder = Callable[[str, str, str, bool, str], Message]
 """(target, speaker, text, final, language) -> message (the owner assigns ids)."""
+Lane = Literal["control", "partial", "final"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +45,12 @@ class Outbox:
         self._build = build_transcript
         self._control: deque[Message] = deque()
         self._control_limit = control_limit
-        self._transcripts: deque[Message] = deque(maxlen=transcript_limit)
+        self._transcripts: deque[tuple[Message, bool]] = deque(maxlen=transcript_limit)
         self.partial_interval = partial_interval
         self._pending: dict[str, _Partial] = {}
         self._last_partial: dict[str, float] = {}
         self.transcripts_dropped = 0
+        self.partials_superseded = 0
         self.control_refused = 0
 
     def __len__(self) -> int:
@@ -67,16 +71,18 @@ class Outbox:
         return count
 
     # --- transcripts -----------------------------------------------------------
-    def _queue(self, message: Message) -> None:
-        if len(self._transcripts) == self._transcripts.maxlen:
-            self.transcripts_dropped += 1
-        self._transcripts.append(message)
-
     def _queue_all(
         self, targets: Collection[str], speaker: str, text: str, final: bool, language: str
     ) -> None:
         for target in targets:
-            self._queue(self._build(target, speaker, text, final, language))
+            if len(self._transcripts) == self._transcripts.maxlen:
+                self.transcripts_dropped += 1
+            self._transcripts.append((self._build(target, speaker, text, final, language), final))
+
+    def _supersede(self, speaker: str) -> None:
+        replaced = self._pending.pop(speaker, None)
+        if replaced is not None:
+            self.partials_superseded += len(replaced.targets)
 
     def add_transcript(
         self,
@@ -89,7 +95,7 @@ class Outbox:
         now: float,
     ) -> None:
         if final:
-            self._pending.pop(speaker, None)
+            self._supersede(speaker)
             self._queue_all(targets, speaker, text, True, language)
             return
         partial = _Partial(tuple(targets), text, language)
@@ -98,10 +104,20 @@ class Outbox:
             self._last_partial[speaker] = now
             self._queue_all(partial.targets, speaker, text, False, language)
         else:
+            self._supersede(speaker)
             self._pending[speaker] = partial  # the newest wins
 
+    def clear_transcripts(self) -> int:
+        """Forget queued and pending transcripts (the link is closing); returns
+        how many messages were queued."""
+        count = len(self._transcripts)
+        self._transcripts.clear()
+        self._pending.clear()
+        self._last_partial.clear()
+        return count
+
     def forget_speaker(self, speaker: str) -> None:
-        self._pending.pop(speaker, None)
+        self._supersede(speaker)
         self._last_partial.pop(speaker, None)
 
     def release_due(self, now: float) -> None:
@@ -130,16 +146,20 @@ class Outbox:
         if self._control:
             return self._control[0]
         if self._transcripts:
-            return self._transcripts[0]
+            return self._transcripts[0][0]
         return None
 
-    def sent(self, message: Message) -> None:
-        """Remove ``message`` (from ``peek``) once it was sent; the lanes may
-        have changed meanwhile, so it is matched by identity."""
+    def sent(self, message: Message) -> Lane | None:
+        """Remove ``message`` (from ``peek``) once it was sent and say which
+        lane it left; the lanes may have changed meanwhile, so it is matched
+        by identity (None: it was dropped or cleared while being sent)."""
         if self._control and self._control[0] is message:
             self._control.popleft()
-        elif self._transcripts and self._transcripts[0] is message:
-            self._transcripts.popleft()
+            return "control"
+        if self._transcripts and self._transcripts[0][0] is message:
+            _, final = self._transcripts.popleft()
+            return "final" if final else "partial"
+        return None
 
 
 def backoff_delay(

@@ -57,6 +57,8 @@ class RoomSummary:
     speakers: int
     waiting_speakers: int
     link_state: str
+    speakers_reconnecting: int = 0
+    """Speakers whose STT stream is retrying its connection."""
 
 
 class Manager:
@@ -175,6 +177,7 @@ class Manager:
                 speakers=len(room.speaker_ids),
                 waiting_speakers=len(room.waiting_speakers),
                 link_state=room.link_state,
+                speakers_reconnecting=room.reconnecting_speakers,
             )
             for room in self._rooms.values()
         ]

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from live_transcription import metrics
 from live_transcription.clock import Clock
+from live_transcription.logs import fields, short_token
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.targets import TargetBook
@@ -161,6 +162,12 @@ class Room:
         return frozenset(self._speakers)
 
     @property
+    def reconnecting_speakers(self) -> int:
+        """Speakers whose STT stream is retrying its connection (sessions
+        without an STT stream of their own, like test fakes, report none)."""
+        return sum(1 for s in self._speakers.values() if getattr(s, "stt_reconnecting", False))
+
+    @property
     def waiting_speakers(self) -> frozenset[str]:
         """In call with audio but not captioned (caps reached or offer pending)."""
         return frozenset(self._wanted - self._speakers.keys())
@@ -215,7 +222,12 @@ class Room:
                 # the Manager retrieves it; mark it retrieved for early exits too
                 self._joined.exception()
             else:
-                log.warning("room %s: HPB connection lost for good: %s", _short(self.token), exc)
+                log.warning(
+                    "room %s: HPB connection lost for good: %s",
+                    _short(self.token),
+                    exc,
+                    extra=fields(self.token),
+                )
         finally:
             # speakers that ended during shutdown never reached the main loop
             for _ in self._speakers:
@@ -227,7 +239,7 @@ class Room:
             if not self._joined.done():
                 self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
                 self._joined.exception()
-            log.info("room %s closed: %s", _short(self.token), self.closed_reason)
+            log.info("room %s closed: %s", _short(self.token), self.closed_reason, extra=fields(self.token))
 
     async def _pump(self, link: ports.CallLink) -> None:
         error: str | None = None
@@ -236,7 +248,7 @@ class Room:
                 await self._inbox.put(event)
         except Exception as exc:  # the link failed for good: the room ends
             error = repr(exc)
-            log.warning("room %s: link failed: %s", _short(self.token), error)
+            log.warning("room %s: link failed: %s", _short(self.token), error, extra=fields(self.token))
         await self._inbox.put(_LinkClosed(error))
 
     async def _main(self, tasks: asyncio.TaskGroup) -> None:
@@ -259,7 +271,13 @@ class Room:
                 self._restart_linger(tasks)
             case SetLanguage(language):
                 if language != self.language:
-                    log.info("room %s: language %s -> %s", _short(self.token), self.language, language)
+                    log.info(
+                        "room %s: language %s -> %s",
+                        _short(self.token),
+                        self.language,
+                        language,
+                        extra=fields(self.token),
+                    )
                     self.language = language
                     for speaker in self._speakers.values():
                         speaker.set_language(language)
@@ -296,7 +314,9 @@ class Room:
                 receiver = self._speakers.get(candidate.speaker)
                 if receiver is None:
                     self.stats.events_skipped += 1
-                    log.debug("room %s: candidate for unknown speaker", _short(self.token))
+                    log.debug(
+                        "room %s: candidate for unknown speaker", _short(self.token), extra=fields(self.token)
+                    )
                 else:
                     receiver.add_candidate(candidate)
             case ports.SessionReset():
@@ -313,21 +333,30 @@ class Room:
     def _request_offer(self, session_id: str) -> None:
         if self._link is None:
             return
-        if not self._admission.can_admit(len(self._speakers)):
-            self.stats.speakers_refused += 1
-            metrics.speakers_refused.labels("caps").inc()
-            log.warning(
-                "room %s: speaker %s not captioned: %s",
-                _short(self.token),
-                session_id,
-                self._admission.refusal_reason(len(self._speakers)),
-            )
+        if self._refused(session_id):
             return
         self._link.request_offer(session_id)
 
+    def _refused(self, session_id: str) -> bool:
+        """Admission: a refusal is counted, logged with its reason, and the
+        speaker stays waiting (offered again when a slot frees up)."""
+        refusal = self._admission.try_admit(len(self._speakers))
+        if refusal is None:
+            return False
+        self.stats.speakers_refused += 1
+        metrics.speakers_refused.labels(refusal.kind).inc()
+        log.warning(
+            "room %s: speaker %s not captioned: %s",
+            _short(self.token),
+            session_id,
+            refusal.reason,
+            extra=fields(self.token, session_id) | {"refusal": refusal.kind},
+        )
+        return True
+
     def _offer_to_waiting(self) -> None:
         for session_id in sorted(self.waiting_speakers):
-            if not self._admission.can_admit(len(self._speakers)):
+            if self._admission.refusal(len(self._speakers)) is not None:
                 return
             if self._link is not None:
                 self._link.request_offer(session_id)
@@ -337,16 +366,18 @@ class Room:
             return
         if offer.speaker not in self._wanted:
             self.stats.events_skipped += 1
-            log.info("room %s: offer from %s, not a speaker: skipped", _short(self.token), offer.speaker)
+            log.info(
+                "room %s: offer from %s, not a speaker: skipped",
+                _short(self.token),
+                offer.speaker,
+                extra=fields(self.token, offer.speaker),
+            )
             return
         old = self._speakers.pop(offer.speaker, None)
         if old is not None:  # a new offer replaces the old connection
             old.close()
             self._admission.release()
-        elif not self._admission.can_admit(len(self._speakers)):
-            self.stats.speakers_refused += 1
-            metrics.speakers_refused.labels("caps").inc()
-            log.warning("room %s: offer from %s refused: caps reached", _short(self.token), offer.speaker)
+        elif self._refused(offer.speaker):
             return
         context = SpeakerContext(
             room_token=self.token,
@@ -366,14 +397,21 @@ class Room:
         try:
             await speaker.run()
         except Exception:
-            log.exception("room %s: speaker %s failed", _short(self.token), session_id)
+            log.exception(
+                "room %s: speaker %s failed",
+                _short(self.token),
+                session_id,
+                extra=fields(self.token, session_id),
+            )
         finally:
             # put_nowait: at room shutdown nobody reads the inbox any more and
             # the speaker list is dropped with the room anyway
             try:
                 self._inbox.put_nowait(_SpeakerEnded(session_id, speaker))
             except asyncio.QueueFull:
-                log.warning("room %s: inbox full at speaker end", _short(self.token))
+                log.warning(
+                    "room %s: inbox full at speaker end", _short(self.token), extra=fields(self.token)
+                )
                 if self._speakers.get(session_id) is speaker:
                     del self._speakers[session_id]
                     self._admission.release()
@@ -405,6 +443,4 @@ class Room:
         await self._inbox.put(_LingerExpired(generation))
 
 
-def _short(token: str) -> str:
-    """Room tokens are semi-secret (they open the room): log a prefix only."""
-    return token[:4] + "…" if len(token) > 4 else token
+_short = short_token

@@ -25,6 +25,7 @@ from live_transcription.audio.pipeline import GateConfig, Samples, SpeakerAudio
 from live_transcription.audio.ring import DropOldestRing
 from live_transcription.captions.builder import Caption, CaptionBuilder
 from live_transcription.clock import Clock, MonotonicClock
+from live_transcription.logs import fields
 from live_transcription.media.peer import ReceivePeer, UnsupportedOffer
 from live_transcription.rooms import ports
 from live_transcription.rooms.room import SpeakerContext
@@ -46,6 +47,17 @@ IceServers = Callable[[], Awaitable[Sequence[RTCIceServer]]]
 _ARRIVALS = 1024
 """Frame arrival times kept for latency measurement (~80 s of speech)."""
 _IDLE_CHECK_SECONDS = 0.25
+_RECONNECT_REASONS = frozenset({"connection", "capacity", "timeout"})
+"""Non-fatal stream errors after which the stream is retrying its connection."""
+_PACKET_KINDS = {
+    "packets_in": "received",
+    "packets_silent": "silent",
+    "packets_decoded": "decoded",
+    "packets_lost": "lost",
+    "packets_late": "late",
+    "packets_concealed": "concealed",
+    "decode_errors": "decode-error",
+}
 
 
 class Speaker:
@@ -79,6 +91,13 @@ class Speaker:
         self._stopping = False
         self._pending_word_end: float | None = None
         self._local_candidates: list[ports.LocalCandidate] | None = []  # None once answered
+        self._audio: SpeakerAudio | None = None
+        self._reported: dict[str, int] = {}  # audio counters already added to the metrics
+        self._stream_drops_reported = 0
+        self._words_metric = metrics.words_in.labels(engine.name)
+        self._fields = fields(context.room_token, context.session_id)
+        self.stt_reconnecting = False
+        """The STT stream lost its connection and has recognised nothing since."""
         self.end_reason: str | None = None
         self.engine_failure: str | None = None
         self.words = 0
@@ -104,6 +123,7 @@ class Speaker:
         audio = SpeakerAudio(
             on_frame=self._on_frame, on_speech_end=self._on_speech_end, config=self._gate, label=label
         )
+        self._audio = audio
         metrics.speakers_started.inc()
         try:
             ice_servers = await self._ice_servers()
@@ -118,7 +138,7 @@ class Speaker:
                     answer = await peer.accept_offer(self.context.offer.sdp)
                 except UnsupportedOffer as exc:
                     self.end_reason = "unsupported-offer"
-                    log.warning("speaker %s: offer refused: %s", label, exc)
+                    log.warning("speaker %s: offer refused: %s", label, exc, extra=self._fields)
                     return
                 self.context.link.send_answer(label, self.context.offer.sid, answer)
                 # candidates gathered while answering follow the answer, never precede it
@@ -137,11 +157,14 @@ class Speaker:
                         for task in side:
                             task.cancel()
         finally:
+            self._report_audio()
+            self._set_reconnecting(False)
             audio.close()
+            self._audio = None
             self._stream = None
             self.end_reason = self.end_reason or "closed"
             metrics.speakers_ended.labels(self.end_reason).inc()
-            log.info("speaker %s ended: %s", label, self.end_reason)
+            log.info("speaker %s ended: %s", label, self.end_reason, extra=self._fields)
 
     # --- the inline audio path ---------------------------------------------------------
     def _on_frame(self, frame: Samples) -> None:
@@ -156,6 +179,34 @@ class Speaker:
     def _on_speech_end(self) -> None:
         if self._stream is not None:
             self._stream.end_of_speech()
+        self._report_audio()
+
+    def _report_audio(self) -> None:
+        """Add the audio path's counters to the metrics: at each speech end and
+        at the speaker's end, never per packet."""
+        audio = self._audio
+        if audio is not None:
+            for name, value in audio.counters().items():
+                kind = _PACKET_KINDS.get(name)
+                if kind is not None and value != self._reported.get(name, 0):
+                    metrics.audio_packets.labels(kind).inc(value - self._reported.get(name, 0))
+                    self._reported[name] = value
+        if self.frames_without_stream != self._reported.get("no-stream", 0):
+            metrics.audio_frames_dropped.labels("no-stream").inc(
+                self.frames_without_stream - self._reported.get("no-stream", 0)
+            )
+            self._reported["no-stream"] = self.frames_without_stream
+        stream = self._stream
+        if stream is not None and stream.frames_dropped != self._stream_drops_reported:
+            metrics.audio_frames_dropped.labels("stt-behind").inc(
+                stream.frames_dropped - self._stream_drops_reported
+            )
+            self._stream_drops_reported = stream.frames_dropped
+
+    def _set_reconnecting(self, reconnecting: bool) -> None:
+        if reconnecting != self.stt_reconnecting:
+            self.stt_reconnecting = reconnecting
+            metrics.stt_streams_reconnecting.inc(1 if reconnecting else -1)
 
     def _send_candidate(self, candidate: ports.LocalCandidate) -> None:
         if self._local_candidates is not None:
@@ -174,12 +225,15 @@ class Speaker:
                 separator=self._separator(language), max_seconds=self._max_caption_seconds
             )
             async with asyncio.TaskGroup() as tasks, self._engine.open_stream(language) as stream:
+                metrics.stt_streams.labels(self._engine.name, "open").inc()
                 self._stream = stream
                 self._stream_frames = 0
+                self._stream_drops_reported = 0
                 reader = tasks.create_task(self._read_events(stream, builder))
                 changed = tasks.create_task(self._changed.wait())
                 await asyncio.wait((reader, changed), return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
+                self._report_audio()
                 self._stream = None  # leaving the block flushes; the reader gets the rest
             self._publish(builder.flush())
             if self.engine_failure is not None:
@@ -193,18 +247,32 @@ class Speaker:
     def _on_event(self, event: SttEvent, builder: CaptionBuilder) -> None:
         if isinstance(event, Word):
             self.words += 1
-            metrics.words_in.labels(self._engine.name).inc()
+            self._words_metric.inc()
+            self._set_reconnecting(False)
             if event.audio_end is not None:
                 self._pending_word_end = event.audio_end
         elif isinstance(event, StreamError):
             if event.fatal:
                 self.engine_failure = event.message
-                log.error("speaker %s: STT stream failed: %s", self.context.session_id, event.message)
+                self._set_reconnecting(False)
+                log.error(
+                    "speaker %s: STT stream failed: %s",
+                    self.context.session_id,
+                    event.message,
+                    extra=self._fields,
+                )
+                metrics.stt_streams.labels(self._engine.name, f"fatal-{event.reason}").inc()
             else:
-                log.info("speaker %s: STT stream: %s", self.context.session_id, event.message)
-            metrics.stt_streams.labels(self._engine.name, event.reason).inc()
+                if event.reason in _RECONNECT_REASONS:
+                    self._set_reconnecting(True)
+                log.info(
+                    "speaker %s: STT stream: %s", self.context.session_id, event.message, extra=self._fields
+                )
+                metrics.stt_streams.labels(self._engine.name, event.reason).inc()
             return
-        elif not isinstance(event, Pause):
+        elif isinstance(event, Pause):
+            self._set_reconnecting(False)
+        else:
             return
         self._publish(builder.feed(event, self._clock.now()))
 
@@ -238,7 +306,7 @@ class Speaker:
         reason = await peer.wait_closed()
         if not self._stopping:
             self.end_reason = f"peer-{reason}"
-            log.info("speaker %s: connection closed: %s", self.context.session_id, reason)
+            log.info("speaker %s: connection closed: %s", self.context.session_id, reason, extra=self._fields)
         self.close()
 
     async def _watch_idle(self, audio: SpeakerAudio) -> None:
