@@ -220,3 +220,33 @@ async def test_unsupported_language_is_fatal() -> None:
         events = await collect_until(stream, never)
     assert isinstance(events[0], StreamError) and events[0].reason == "language"
     assert engine.connection_attempts == 0
+
+
+async def test_unreachable_server_is_retried_with_exponential_backoff() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clock = ManualClock()
+    engine = ModalEngine(
+        f"ws://127.0.0.1:{port}/v1/stream",
+        HEADERS,
+        clock=clock,
+        options=RemoteOptions(backoff_jitter=0.0, close_grace_seconds=0.0),
+    )
+    failures: list[StreamError] = []
+    async with engine.open_stream("en") as stream:
+        stream.push(speech([0])[0])
+        for expected_delay in (0.5, 1.0, 2.0, 4.0):
+            events = await collect_until(stream, lambda e: isinstance(e[-1], StreamError))
+            failures += [e for e in events if isinstance(e, StreamError)]
+            attempts = engine.connection_attempts
+            clock.advance(expected_delay * 0.9)
+            assert engine.connection_attempts == attempts  # not yet
+            clock.advance(expected_delay * 0.2)
+        events = await collect_until(stream, lambda e: isinstance(e[-1], StreamError))
+        failures += [e for e in events if isinstance(e, StreamError)]
+    assert engine.connection_attempts == 5
+    assert [f.reason for f in failures] == ["connection"] * 5
+    assert not any(f.fatal for f in failures)
