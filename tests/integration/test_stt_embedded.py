@@ -65,3 +65,13 @@ async def test_unsupported_language_is_fatal(engine: EmbeddedEngine) -> None:
     async with engine.open_stream("xx") as stream:
         events = await collect_until(stream, never)
     assert isinstance(events[0], StreamError) and events[0].reason == "language"
+
+
+async def test_only_languages_the_bundled_model_speaks_are_offered(engine: EmbeddedEngine) -> None:
+    from faster_whisper import WhisperModel
+
+    from live_transcription.stt.embedded import bundled_model_dir
+
+    model = WhisperModel(str(bundled_model_dir()), device="cpu", compute_type="int8")
+    if not model.model.is_multilingual:
+        assert set(engine.languages()) == {"en"}
