@@ -136,7 +136,7 @@ class Manager:
         failure = self._provider_failure()
         if failure is not None:
             raise ProviderFailure(failure)
-        room = self._rooms.get(token)
+        room = await self._current(token)
         if room is None:
             room = self._open(token, chosen)
         elif language is not None and language != room.language:
@@ -190,6 +190,14 @@ class Manager:
         return self._accepting
 
     # --- internals --------------------------------------------------------------------------------
+    async def _current(self, token: str) -> Room | None:
+        """The room of ``token`` that still takes targets: a room that is
+        closing (lingered out, call ended) is waited for, so that a new one
+        opens instead of a target being lost with it."""
+        while (room := self._rooms.get(token)) is not None and room.closing:
+            await room.wait_closed()
+        return room
+
     def _open(self, token: str, language: str) -> Room:
         if not self._accepting or self._tasks is None:
             raise CapacityReached("the service is shutting down")

@@ -143,6 +143,10 @@ class Room:
         self._linger_generation = 0
         self._linger_task: asyncio.Task[None] | None = None
         self.link_state = "connecting"
+        self.closing = False
+        """The room decided to end (it no longer takes targets); it is still
+        saying bye until its task ends."""
+        self._adds_in_flight = 0  # AddTarget sent but not applied yet: do not linger out
         self.closed_reason: str | None = None
         self.stats = RoomStats()
         self.task: asyncio.Task[None] | None = None
@@ -179,11 +183,25 @@ class Room:
 
     async def send(self, command: Command) -> None:
         """Queue a command for the room's loop (waits while the inbox is full)."""
-        await self._inbox.put(command)
+        if not isinstance(command, AddTarget):
+            await self._inbox.put(command)
+            return
+        self._adds_in_flight += 1
+        try:
+            await self._inbox.put(command)
+        except BaseException:
+            self._adds_in_flight -= 1
+            raise
+
+    async def wait_closed(self) -> None:
+        """Return once the room's task has ended (it has said bye)."""
+        if self.task is not None:
+            await asyncio.wait({self.task})
 
     def stop(self, reason: str) -> None:
         """Leave without waiting: a joined room flushes its speakers and says
         bye; a room still joining (or with a jammed inbox) is cancelled."""
+        self.closing = True
         if self.task is not None and not self._joined.done():
             self.closed_reason = reason
             self.task.cancel()
@@ -229,6 +247,7 @@ class Room:
                     extra=fields(self.token),
                 )
         finally:
+            self.closing = True
             # speakers that ended during shutdown never reached the main loop
             for _ in self._speakers:
                 self._admission.release()
@@ -257,6 +276,7 @@ class Room:
             item = await self._inbox.get()
             reason = self._handle(item, tasks)
             if reason is not None:
+                self.closing = True
                 self.closed_reason = reason
                 return
 
@@ -264,6 +284,7 @@ class Room:
         """Apply one item; return a reason when the room must close."""
         match item:
             case AddTarget(talk_session):
+                self._adds_in_flight -= 1
                 self._targets.add(talk_session)
                 self._restart_linger(tasks)
             case RemoveTarget(talk_session):
@@ -284,7 +305,7 @@ class Room:
             case Leave(reason):
                 return reason
             case _LingerExpired(generation):
-                if generation == self._linger_generation and not self._targets:
+                if generation == self._linger_generation and not self._targets and not self._adds_in_flight:
                     return "no-targets"
             case _LinkClosed(error):
                 return "link-closed" if error is None else "link-failed"
