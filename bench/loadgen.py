@@ -181,6 +181,8 @@ class DirectBridge:
         self._sids = (f"direct-{n}" for n in itertools.count(1))
         self._phases = itertools.count()
         self.candidates_ignored = 0
+        self.stale_answers = 0
+        self.bad_answers = 0
         self.offers = 0
         self.closed = 0
 
@@ -230,8 +232,18 @@ class DirectBridge:
         return sub
 
     async def answer(self, subscriber: str, publisher: str, sid: str, sdp: str) -> None:
-        sub = self._find(subscriber, publisher, sid)
-        await sub.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        try:
+            sub = self._find(subscriber, publisher, sid)
+        except LookupError:
+            # the publisher left or a newer offer replaced this one: an SFU
+            # answers with an error, it does not drop the signaling connection
+            self.stale_answers += 1
+            return
+        try:
+            await sub.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        except Exception as exc:
+            self.bad_answers += 1
+            log.warning("answer for %s refused: %r", sid, exc)
 
     async def candidate(
         self, subscriber: str, publisher: str, sid: str, candidate: dict[str, object]
@@ -528,6 +540,8 @@ class LoadGenerator:
             "subscriptions": len(self.bridge.subscriptions),
             "connected": self.bridge.connected(),
             "offers": self.bridge.offers,
+            "stale_answers": self.bridge.stale_answers,
+            "bad_answers": self.bridge.bad_answers,
             "closed": self.bridge.closed,
             "ticker_skipped": ticker.skipped,
             "ticker_lag_max_ms": round(ticker.lag_max * 1000, 2),

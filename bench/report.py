@@ -197,7 +197,11 @@ def churn_section(churn: Json) -> str:
     if "error" in churn:
         return f"Failed: `{churn['error']}`"
     rows = [
-        ["speaker join/leave cycles", f"{churn['speaker_cycles']} in {churn['speaker_seconds']} s"],
+        [
+            "speaker join/leave cycles (connected within 20 s / not)",
+            f"{churn['speaker_cycles'].get('connected')} / {churn['speaker_cycles'].get('not_connected')}"
+            f" in {churn['speaker_seconds']} s",
+        ],
         [
             "room open/close cycles",
             f"{churn['room_cycles']} ({churn['room_failures']} without both streams up)"
@@ -225,6 +229,10 @@ def churn_section(churn: Json) -> str:
             "rooms {rooms}, speakers {speakers}, targets {targets}".format(**churn["health_end"]),
         ],
         ["generator peer connections left", str(churn["generator_subscriptions_left"])],
+        [
+            "offers the service requested (whole run) / answers to replaced offers",
+            f"{churn.get('generator_offers')} / {churn.get('generator_stale_answers')}",
+        ],
     ]
     return table(["what", "value"], rows)
 

@@ -77,6 +77,7 @@ class Options:
     work: Path = Path("/tmp/bench")
     max_seconds: float = 3 * 3600
     service_cmd: str = ""
+    service_log_level: str = "WARNING"
 
 
 def _free_port() -> int:
@@ -221,7 +222,7 @@ class Service:
             "LT_MAX_SPEAKERS": "5000",
             "LT_MAX_SPEAKERS_PER_ROOM": "1000",
             "LT_MAX_ROOMS": "1000",
-            "LT_LOG_LEVEL": "WARNING",
+            "LT_LOG_LEVEL": self._opts.service_log_level,
             "LT_PARTIAL_INTERVAL_MS": str(self._opts.partial_interval_ms),
         }
         command = shlex.split(self._opts.service_cmd) or [str(VENV_BIN / "live-transcription"), "serve"]
@@ -618,6 +619,8 @@ async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
             "live_rooms_metric": analysis.total(metrics_after, "live_transcription_rooms_opened_total")
             - analysis.total(metrics_after, "live_transcription_rooms_closed_total"),
             "generator_subscriptions_left": lg["subscriptions"],
+            "generator_offers": lg["offers"],
+            "generator_stale_answers": lg["stale_answers"],
         }
 
 
@@ -785,6 +788,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser.add_argument(
         "--service-cmd", default="", help="command that runs the service (default: live-transcription serve)"
     )
+    parser.add_argument("--service-log-level", default="WARNING", help="LT_LOG_LEVEL of the service")
     args = parser.parse_args(argv)
     scenarios = ["active", "silent", "churn", "soak"] if args.scenario == "all" else args.scenario.split(",")
     unknown = set(scenarios) - {"active", "silent", "churn", "soak"}
@@ -809,6 +813,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         work=args.work,
         max_seconds=args.max_hours * 3600,
         service_cmd=args.service_cmd,
+        service_log_level=args.service_log_level,
     )
     shown = ["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
     if args.from_results:
