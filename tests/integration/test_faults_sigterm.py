@@ -1,0 +1,182 @@
+"""SIGTERM during active captioning, with ``live-transcription serve`` as a
+real subprocess: the open caption lines are finalised and delivered, ``bye``
+reaches the HPB, and the process exits 0 within its shutdown bound."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from live_transcription.api.server import SHUTDOWN_SECONDS
+from live_transcription.sim.client import SimClient
+from live_transcription.sim.direct_bridge import DirectBridge
+from live_transcription.sim.emulator import HpbEmulator
+from tests.integration.test_faults_support import BACKEND, DEADLINE, finals, talking_wav
+
+ROOM = "sigtermroom"
+APP_SECRET = "sigterm-app-secret-" + secrets.token_hex(4)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def auth() -> dict[str, str]:
+    token = base64.b64encode(f"admin:{APP_SECRET}".encode()).decode()
+    return {
+        "EX-APP-ID": "live_transcription",
+        "EX-APP-VERSION": "0.1.0",
+        "AA-VERSION": "3.0.0",
+        "AUTHORIZATION-APP-API": token,
+    }
+
+
+async def wait_serving(client: httpx.AsyncClient, process: asyncio.subprocess.Process) -> None:
+    async with asyncio.timeout(DEADLINE):
+        while process.returncode is None:
+            try:
+                if (await client.get("/heartbeat")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)  # polling another process's port: nothing to wait on
+    raise AssertionError(f"the service exited with {process.returncode} before serving")
+
+
+def last_by(messages: list[dict[str, Any]], speaker: str) -> dict[str, Any] | None:
+    mine = [m for m in messages if m["speakerSessionId"] == speaker]
+    return mine[-1] if mine else None
+
+
+async def test_sigterm_flushes_open_lines_says_bye_and_exits_zero(tmp_path: Path) -> None:
+    internal_secret = secrets.token_hex(16)
+    bridge = DirectBridge()
+    for i, name in enumerate(("alice", "bob")):
+        # long utterances: a line is open most of the time
+        bridge.add_publisher(name, talking_wav(tmp_path / f"{name}.wav", 210 + 70 * i, 6.0, 1.0), loop=True)
+    port = free_port()
+    stderr_path = tmp_path / "service.log"
+    try:
+        async with HpbEmulator(internal_secret, BACKEND, bridge=bridge) as hpb:
+            for name in ("alice", "bob"):
+                await hpb.add_participant(
+                    ROOM, session_id=name, nextcloud_session_id=f"talk-{name}", in_call=7
+                )
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("LT_", "APP_", "MODAL_", "NEXTCLOUD"))
+            }
+            env |= {
+                "APP_SECRET": APP_SECRET,
+                "APP_PORT": str(port),
+                "APP_HOST": "127.0.0.1",
+                "NEXTCLOUD_URL": BACKEND,
+                "LT_HPB_URL": hpb.url,
+                "LT_INTERNAL_SECRET": internal_secret,
+                "LT_STT_ENGINE": "instant",
+            }
+            with stderr_path.open("wb") as stderr:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "live_transcription.cli",
+                    "serve",
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            try:
+                async with (
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+                    SimClient(hpb.url, ROOM, "talk-viewer") as viewer,
+                ):
+                    await wait_serving(client, process)
+                    reply = await client.post(
+                        "/api/v1/call/transcribe",
+                        json={
+                            "roomToken": ROOM,
+                            "ncSessionId": "talk-viewer",
+                            "enable": True,
+                            "langId": "en",
+                        },
+                        headers=auth(),
+                    )
+                    assert reply.status_code == 200, reply.text
+                    [ours] = hpb.sessions_in_room(ROOM, internal=True)
+
+                    def open_line() -> str | None:
+                        """A speaker whose last caption is a partial (a line is open)."""
+                        for speaker in ("alice", "bob"):
+                            last = last_by(viewer.transcripts(), speaker)
+                            if last is not None and not last["final"] and len(last["message"].split()) >= 2:
+                                return speaker
+                        return None
+
+                    await viewer.wait_for(
+                        lambda: finals(viewer.transcripts(), "alice") >= 1, deadline=DEADLINE
+                    )
+                    await viewer.wait_for(lambda: open_line() is not None, deadline=DEADLINE)
+                    speaker = open_line()
+                    assert speaker is not None
+                    last = last_by(viewer.transcripts(), speaker)
+                    assert last is not None
+                    open_text = last["message"]
+                    seen = len(viewer.transcripts())
+
+                    process.send_signal(signal.SIGTERM)
+                    async with asyncio.timeout(SHUTDOWN_SECONDS + 10):
+                        code = await process.wait()
+                    assert code == 0
+
+                    # the open line was finalised and delivered
+                    await viewer.wait_for(
+                        lambda: any(
+                            m["final"] and m["speakerSessionId"] == speaker
+                            for m in viewer.transcripts()[seen:]
+                        ),
+                        deadline=DEADLINE,
+                    )
+                    closing = next(
+                        m
+                        for m in viewer.transcripts()[seen:]
+                        if m["final"] and m["speakerSessionId"] == speaker
+                    )
+                    assert closing["message"].startswith(open_text), (open_text, closing["message"])
+                    for who in ("alice", "bob"):
+                        tail = last_by(viewer.transcripts(), who)
+                        assert tail is None or tail["final"], f"{who}'s line was left open"
+                    # bye reached the HPB, and the session is gone
+                    assert any(m.get("type") == "bye" for m in hpb.received(ours))
+                    assert hpb.sessions_in_room(ROOM, internal=True) == []
+                    await hpb.wait_for(lambda: hpb.open_connections == 1, DEADLINE)  # the viewer only
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+    finally:
+        await bridge.aclose()
+
+    # logs: JSON lines, no secret anywhere, the shutdown said so
+    text = stderr_path.read_text()
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert entries, "the service logged nothing"
+    assert all({"ts", "level", "component", "msg"} <= entry.keys() for entry in entries)
+    assert APP_SECRET not in text and internal_secret not in text
+    assert ROOM not in text, "room tokens are logged shortened"
+    assert any(entry["msg"] == "stopped" for entry in entries)
+    assert not any("longer than" in entry["msg"] for entry in entries)
