@@ -23,7 +23,7 @@ ROOM = "capsroom"
         ("LT_MAX_SPEAKERS_PER_ROOM", "room-cap", "1 speaker(s) waiting for captioning"),
     ],
 )
-async def test_cap_refuses_new_speakers_and_spares_the_others(
+async def test_cap_refuses_new_speakers_and_spares_the_others(  # noqa: PLR0917 - fixtures
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
