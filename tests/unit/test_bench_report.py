@@ -1,0 +1,84 @@
+"""The benchmark report: figures against the targets, from a results dict."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from bench.report import cpu_per_speaker, markdown, rss_slope
+
+
+def _window(n: int, rss: float, cpu: float, p99: float = 5.0, dropped: float = 0.0) -> dict[str, Any]:
+    return {
+        "n": n,
+        "kind": "active",
+        "rss_mb": rss,
+        "cpu_percent": cpu,
+        "generator_cpu_percent": cpu / 2,
+        "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": p99},
+        "service_latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+        "words": 10 * n,
+        "frames_dropped": dropped,
+        "connected": n,
+        "ticker_lag_max_ms": 1.0,
+    }
+
+
+RESULTS: dict[str, Any] = {
+    "command": "python -m bench.run",
+    "date": "today",
+    "revision": "abc",
+    "machine": {"nproc": 2, "cpu": "test"},
+    "pattern": {"talk_ms": 3000, "pause_ms": 1500},
+    "word_map": {"period": 225, "utterances": [[1, 2], [3]]},
+    "active": {
+        "windows": [
+            _window(0, 100.0, 0.2),
+            _window(100, 200.0, 40.0, p99=20.0),
+            _window(200, 300.0, 90.0, p99=80.0, dropped=3),
+        ]
+    },
+    "silent": {"windows": [_window(0, 100.0, 0.1), _window(100, 110.0, 10.0)]},
+    "churn": {
+        "speaker_cycles": {"connected": 1000, "not_connected": 0},
+        "speaker_seconds": 100,
+        "room_cycles": 100,
+        "room_failures": 0,
+        "room_seconds": 50,
+        "rss_before_mb": 150.0,
+        "rss_after_mb": 152.0,
+        "rss_growth_mb": 2.0,
+        "health_end": {"rooms": 0, "speakers": 0, "targets": 0},
+        "speakers_started": 1000,
+        "speakers_ended": 1000,
+        "rooms_opened": 100,
+        "rooms_closed": 100,
+        "live_speakers_metric": 0,
+        "live_rooms_metric": 0,
+        "generator_subscriptions_left": 0,
+    },
+}
+
+
+def test_rss_slope_and_cpu_per_speaker() -> None:
+    windows = RESULTS["active"]["windows"]
+    assert rss_slope(windows, 100) == pytest.approx(1.0)
+    assert rss_slope(windows, 200) == pytest.approx(1.0)
+    assert math.isnan(rss_slope(windows[:1], 100))
+    per, above_idle = cpu_per_speaker(windows[1], windows[0])
+    assert per == pytest.approx(0.4)
+    assert above_idle == pytest.approx(0.398)
+
+
+def test_markdown_states_each_figure_against_its_target() -> None:
+    text = markdown(RESULTS, {"rss_active": "img/rss_active.png"})
+    assert "| memory per active speaker (RSS slope N=0..100) | 1.00 MB | <= 3 MB | met |" in text
+    assert "CPU per active speaker (N=200) | 0.450 %" in text
+    assert "**not met**" in text  # 0.45 % per active speaker is fine, 0.1 % per silent one is not
+    assert "CPU per silent participant (N=100) | 0.100 %" in text
+    assert "(packet sent -> transcript at HPB) | 20.0 ms | < 50 ms | met |" in text
+    assert "N = 100" in text  # capacity: N=200 dropped frames
+    assert "| churn: rooms / speakers left | 0 / 0 | 0 / 0 | met |" in text
+    assert "![rss_active](img/rss_active.png)" in text
+    assert "2/1 words per utterance" in text
