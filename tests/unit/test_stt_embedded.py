@@ -82,15 +82,17 @@ class ScriptedModel(Transcriber):
         self.fail_first = fail_first
         self.calls: list[float] = []
         self.prompts: list[str | None] = []
+        self.finals: list[bool] = []
         self._running: list[int] = []
         self.max_in_flight = 0
 
-    def transcribe(self, audio: Audio, language: str, prompt: str | None) -> list[TimedWord]:
+    def transcribe(self, audio: Audio, language: str, prompt: str | None, final: bool) -> list[TimedWord]:
         self._running.append(1)  # list ops are atomic under the GIL
         self.max_in_flight = max(self.max_in_flight, len(self._running))
         try:
             self.calls.append(len(audio) / WHISPER_RATE)
             self.prompts.append(prompt)
+            self.finals.append(final)
             self._loop.call_soon_threadsafe(self.started.set)
             gate = self.gate
             if gate is not None and len(self.calls) == 1:
@@ -386,7 +388,7 @@ async def test_one_decode_in_flight_per_stream_and_passes_coalesce(
         events = await read_until_pauses(stream, 1)
     assert texts(events) == [f"w{k}" for k in range(1, 15)]
     assert model.max_in_flight == 1  # two workers, yet never two passes of one stream
-    assert len(model.calls) == 2
+    assert len(model.calls) == 2 and model.finals == [False, True]
     assert model.calls[1] == pytest.approx(len(frames) * FRAME_SECONDS, abs=0.01)
 
 

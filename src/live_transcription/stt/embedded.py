@@ -28,16 +28,19 @@ Whisper's encoder always sees a 30 s input, so a pass costs about the same
 whatever the window's length: one stream costs about one pass per
 ``decode_step_seconds``.
 
-Measured on the 2-core development machine, one thread per decode
-(``tests/fixtures/speech/speech_1.wav``, 7.9 s, English):
+Measured on the 2-core development machine (other work running beside it),
+one thread per decode, ``tests/fixtures/speech/speech_1.wav`` (7.9 s):
 
-* one pass over the whole utterance: ~0.65 s, RTF ~0.08-0.10 (word
-  timestamps cost little extra); one pass over a 1 s window costs about the
-  same ~0.6 s, so steady streaming with a 1 s step keeps ~60% of a core busy
-  per speaker: two workers on two cores serve two to three live speakers;
-* memory: the model adds ~70 MB when loaded and ~160 MB once it has decoded
-  (CTranslate2 buffers), ~225 MB RSS for a bare process with the engine;
-  each stream adds at most its ring plus its window (~3 MB);
+* a final pass over the whole utterance: 0.7-0.9 s, **RTF 0.09-0.12**;
+* a partial pass costs about as much whatever the window (1 s: ~0.6 s,
+  4 s: ~0.65 s), so a speaker streamed with a 1 s step costs ~0.75 CPU
+  seconds per second of speech (8 passes for the sentence): with two workers
+  on two cores, two speakers talking at once keep up; more fall behind
+  gracefully (passes coalesce, words come later, the ring drops the oldest
+  audio beyond ``buffer_seconds``);
+* memory (RSS): ~80 MB for the imports, ~150 MB with the model loaded,
+  ~280 MB once it has decoded (CTranslate2 buffers), flat after that; each
+  stream adds at most its ring and its window (~2.6 MB);
 * model load: ~0.4 s.
 
 Languages: English only. The bundled model is ``tiny.en`` (its
@@ -101,6 +104,8 @@ EMBEDDED_LANGUAGES = {
 
 Audio = npt.NDArray[np.float32]
 
+_FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
 
 @dataclass(frozen=True, slots=True)
 class TimedWord:
@@ -116,7 +121,9 @@ class Transcriber(Protocol):
     """The model behind the engine: 16 kHz mono audio in, timed words out.
     Called from the worker pool, at most ``workers`` calls at once."""
 
-    def transcribe(self, audio: Audio, language: str, prompt: str | None) -> list[TimedWord]: ...
+    def transcribe(self, audio: Audio, language: str, prompt: str | None, final: bool) -> list[TimedWord]:
+        """``final``: the last pass over this audio (no later pass can correct it)."""
+        ...
 
 
 class ModelUnavailable(Exception):
@@ -167,7 +174,7 @@ class WhisperTranscriber:
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError/OSError alike
             raise ModelUnavailable(f"cannot load the Whisper model in {model_dir}: {exc}") from exc
 
-    def transcribe(self, audio: Audio, language: str, prompt: str | None) -> list[TimedWord]:
+    def transcribe(self, audio: Audio, language: str, prompt: str | None, final: bool) -> list[TimedWord]:
         segments, _info = self._model.transcribe(
             audio,
             language=language,
@@ -176,6 +183,10 @@ class WhisperTranscriber:
             vad_filter=False,  # the service's audio gate already cut the silence
             condition_on_previous_text=False,
             initial_prompt=prompt or None,
+            # A partial pass is checked by the next one: one greedy try is enough,
+            # and the temperature fallback would double the cost of short windows.
+            # A final pass keeps the fallback against repetition loops.
+            temperature=_FALLBACK_TEMPERATURES if final else 0.0,
         )
         words: list[TimedWord] = []
         for segment in segments:
@@ -184,10 +195,12 @@ class WhisperTranscriber:
         return words
 
 
-def _decode_job(transcriber: Transcriber, audio: Audio, language: str, prompt: str | None) -> list[TimedWord]:
+def _decode_job(
+    transcriber: Transcriber, audio: Audio, language: str, prompt: str | None, final: bool
+) -> list[TimedWord]:
     """Runs in a worker thread: resample to 16 kHz, then decode."""
     resampled = np.asarray(soxr.resample(audio, SAMPLE_RATE, WHISPER_RATE), dtype=np.float32)
-    return transcriber.transcribe(resampled, language, prompt)
+    return transcriber.transcribe(resampled, language, prompt, final)
 
 
 _STRIP = string.punctuation + " \u00a0\u2019\u00bf\u00a1"
@@ -326,7 +339,7 @@ class EmbeddedStream(SttStream):
             self._finished = True
             return False
         if self._window_samples - self._decoded_samples >= self._step_samples:
-            words = await self._decode()
+            words = await self._decode(final=False)
             if words is not None:
                 self._emit_agreed(words)
                 self._previous = words
@@ -350,7 +363,7 @@ class EmbeddedStream(SttStream):
             self._window.append(frame)
             self._window_samples += len(frame)
 
-    async def _decode(self) -> list[TimedWord] | None:
+    async def _decode(self, *, final: bool) -> list[TimedWord] | None:
         """Decode the whole window in the worker pool; None when it failed."""
         if not self._window:
             return []
@@ -358,7 +371,7 @@ class EmbeddedStream(SttStream):
         self._decoded_samples = self._window_samples
         self.decodes += 1
         try:
-            return await self._engine.decode(audio, self._language, self._prompt)
+            return await self._engine.decode(audio, self._language, self._prompt, final=final)
         except Exception as exc:  # a bad pass costs its words, never the stream
             self.decode_failures += 1
             if "decode" not in self._logged:
@@ -369,7 +382,7 @@ class EmbeddedStream(SttStream):
 
     async def _finish_utterance(self, mark: int) -> None:
         if self._window_samples > self._decoded_samples or self._previous is None:
-            words = await self._decode()
+            words = await self._decode(final=True)
         else:
             words = self._previous  # no audio since the last pass: it is final
         if words:
@@ -380,7 +393,7 @@ class EmbeddedStream(SttStream):
         self._committed.clear()
 
     async def _finalise_full_window(self) -> None:
-        words = await self._decode()
+        words = await self._decode(final=True)
         window_seconds = self._window_samples / SAMPLE_RATE
         if words:
             fresh = self._unemitted(words)
@@ -562,9 +575,11 @@ class EmbeddedEngine(SttEngine):
                 await asyncio.shield(asyncio.wrap_future(self._load))
 
     # --- used by streams ----------------------------------------------------------
-    async def decode(self, audio: Audio, language: str, prompt: str | None) -> list[TimedWord]:
+    async def decode(
+        self, audio: Audio, language: str, prompt: str | None, *, final: bool = False
+    ) -> list[TimedWord]:
         """One pass in the worker pool (24 kHz audio in)."""
         transcriber = self._load.result()
         self.decodes += 1
-        future = self._pool.submit(_decode_job, transcriber, audio, language, prompt)
+        future = self._pool.submit(_decode_job, transcriber, audio, language, prompt, final)
         return await asyncio.wrap_future(future)
