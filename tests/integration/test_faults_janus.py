@@ -85,7 +85,7 @@ async def test_janus_killed_and_restarted(tmp_path: Path, monkeypatch: pytest.Mo
                 assert manager.rooms()[0].link_state == "connected"
                 assert manager.admission.active == 0
                 assert census.open == 0
-                reason = first.end_reason
+                reason = first.end_reason or ""
                 assert metric("live_transcription_speakers_ended_total", {"reason": reason}) >= 1
 
                 # --- Janus is back; the publisher republishes; Talk updates the flags
