@@ -465,3 +465,26 @@ def test_from_settings_reads_model_dir_and_threads(tmp_path: Path) -> None:
         assert str(tmp_path) in (engine.failure() or "")
     finally:
         asyncio.run(engine.aclose())
+
+
+class PiecesModel(Transcriber):
+    """Whisper's word pieces: a piece without a leading space continues a word."""
+
+    def transcribe(self, audio: Audio, language: str, prompt: str | None, final: bool) -> list[TimedWord]:
+        return [TimedWord(" round", 0.0, 0.4), TimedWord("-fox", 0.4, 0.8), TimedWord(" jumps.", 0.8, 1.0)]
+
+
+async def test_word_text_drops_the_leading_space_and_pieces_join() -> None:
+    engine = EmbeddedEngine(loader=PiecesModel)
+    try:
+        async with engine.open_stream("en") as stream:
+            for _ in range(2):
+                for frame in word_frames(1, 2):
+                    stream.push(frame)
+                stream.end_of_speech()
+        events = await read_all(stream)
+    finally:
+        await engine.aclose()
+    words = [(e.text, e.joins_previous) for e in events if isinstance(e, Word)]
+    assert words == [("round", False), ("-fox", True), ("jumps.", False)] * 2
+    assert [type(e) for e in events].count(Pause) == 2

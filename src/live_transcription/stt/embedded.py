@@ -356,6 +356,8 @@ class EmbeddedStream(SttStream):
             index, frame = next(iter(self._ring))
             if limit is not None and index >= limit:
                 break
+            # frames the ring dropped leave no gap in the window: times after a
+            # drop run early by the dropped audio, which only a stalled engine sees
             self._ring.pop()
             if not self._window_started:
                 self._window_started = True
@@ -391,6 +393,7 @@ class EmbeddedStream(SttStream):
         self._reset_window()
         self._prompt = None
         self._committed.clear()
+        self._any_word = False  # a new caption line: its first word joins nothing
 
     async def _finalise_full_window(self) -> None:
         words = await self._decode(final=True)
@@ -436,7 +439,7 @@ class EmbeddedStream(SttStream):
         if (
             fresh
             and self._committed
-            and _normalise(fresh[0].text) == self._committed[-1]
+            and _normalise(fresh[0].text) == _normalise(self._committed[-1])
             and fresh[0].start < self._committed_end
         ):
             fresh = fresh[1:]  # the last emitted word again, its time shifted a little
@@ -457,7 +460,7 @@ class EmbeddedStream(SttStream):
             if not text:
                 continue
             joins = self._any_word and not word.text[:1].isspace()
-            self._committed.append(_normalise(text))
+            self._committed.append(text)
             self._any_word = True
             self._events.put(
                 Word(
