@@ -507,6 +507,7 @@ class EmbeddedEngine(SttEngine):
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="stt-embedded"
         )
+        self._pool_closed = False
         self._load: concurrent.futures.Future[Transcriber] = self._pool.submit(loader or self._load_whisper)
 
     @classmethod
@@ -547,7 +548,7 @@ class EmbeddedEngine(SttEngine):
 
     async def wait_ready(self) -> bool:
         """Wait until the model has loaded (True) or failed to (False)."""
-        if not self._load.done():
+        if not self._load.done() and not self._pool_closed:
             # shielded: a cancelled waiter must not cancel the shared load
             with contextlib.suppress(Exception):  # the outcome is read through failure()
                 await asyncio.shield(asyncio.wrap_future(self._load))
@@ -572,6 +573,7 @@ class EmbeddedEngine(SttEngine):
                 stream.request_close()
 
     async def aclose(self) -> None:
+        self._pool_closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         if not self._load.done():
             with contextlib.suppress(Exception):  # the outcome is read through failure()
