@@ -176,3 +176,22 @@ async def test_stt_credentials_revoked_fail_clearly_without_a_reconnect_loop(
             "SttEngine.failure() yet (stt/remote.py), so /healthz cannot say failing"
         )
     assert any("credentials" in reason for reason in health.reasons)
+
+
+async def test_stt_server_gone_marks_the_stream_reconnecting_in_health(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeModalKyutai(idle_close_seconds=1.0)
+    async with fake, stt_call(tmp_path, monkeypatch, fake) as call:
+        call.say([0, 1])
+        await call.viewer.wait_for(lambda: call.final_words() == ["alpha", "bravo"], deadline=DEADLINE)
+        await wait_event(fake.idle_closed, DEADLINE)
+        await fake.__aexit__(None, None, None)  # the STT server goes away for good
+        call.say([2, 3])
+        speaker = call.speaker()
+        await until(lambda: speaker.stt_reconnecting, deadline=DEADLINE)
+        assert metric("live_transcription_stt_streams_reconnecting") == 1
+        health, _ = call.runtime.health()
+        assert health.status == "degraded"
+        assert "1 STT stream(s) reconnecting" in health.reasons
+        assert call.runtime.manager.rooms()[0].speakers_reconnecting == 1
