@@ -47,6 +47,8 @@ IceServers = Callable[[], Awaitable[Sequence[RTCIceServer]]]
 _ARRIVALS = 1024
 """Frame arrival times kept for latency measurement (~80 s of speech)."""
 _IDLE_CHECK_SECONDS = 0.25
+ENGINE_RETRY_SECONDS = 60.0
+"""After a fatal stream error, how long a speaker waits before opening a new stream."""
 _RECONNECT_REASONS = frozenset({"connection", "capacity", "timeout"})
 """Non-fatal stream errors after which the stream is retrying its connection."""
 _PACKET_KINDS = {
@@ -237,8 +239,16 @@ class Speaker:
                 self._stream = None  # leaving the block flushes; the reader gets the rest
             self._publish(builder.flush())
             if self.engine_failure is not None:
-                # the engine cannot work (e.g. credentials): wait for a change, do not spin
-                await self._changed.wait()
+                # the engine cannot work now (e.g. rejected credentials): try again
+                # rarely (the engine refuses without I/O while it knows), never spin
+                changed = asyncio.ensure_future(self._changed.wait())
+                retry = asyncio.ensure_future(self._clock.sleep(ENGINE_RETRY_SECONDS))
+                try:
+                    await asyncio.wait((changed, retry), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                    retry.cancel()
+                self.engine_failure = None
 
     async def _read_events(self, stream: SttStream, builder: CaptionBuilder) -> None:
         async for event in stream.events():

@@ -580,6 +580,11 @@ class RemoteEngine(SttEngine):
     def record_auth_failure(self) -> None:
         self._auth_failed_at = self.clock.now()
 
+    def failure(self) -> str | None:
+        if self.auth_blocked():
+            return "the STT server rejected the credentials"
+        return None
+
     def auth_blocked(self) -> bool:
         failed = self._auth_failed_at
         if failed is None:
