@@ -266,17 +266,39 @@ async def test_speaker_caps_refuse_then_admit_when_a_slot_frees(env: Env) -> Non
     assert room is not None
     for sid in ("s1", "s2", "s3"):
         await link.emit(ports.SpeakerJoined(sid))
-    await until(lambda: link.offers_requested == ["s1", "s2", "s3"])
-    for sid in ("s1", "s2", "s3"):
-        await link.emit(ports.OfferReceived(sid, "sid-" + sid, "v=0"))
-    await until(lambda: len(room.speaker_ids) == 2 and room.stats.speakers_refused >= 1)
-    assert room.speaker_ids == {"s1", "s2"}
+    # no offer is requested beyond the room cap of 2: the slots are held at request time
+    await until(lambda: room.stats.speakers_refused >= 1)
+    assert link.offers_requested == ["s1", "s2"]
+    assert env.admission.active == 2
     assert room.waiting_speakers == {"s3"}
+    # an unasked offer beyond the cap is refused too
+    await link.emit(ports.OfferReceived("s3", "sid-s3", "v=0"))
+    for sid in ("s1", "s2"):
+        await link.emit(ports.OfferReceived(sid, "sid-" + sid, "v=0"))
+    await until(lambda: room.speaker_ids == {"s1", "s2"} and room.stats.speakers_refused >= 2)
+    assert env.admission.active == 2
     await link.emit(ports.SpeakerLeft("s1"))
-    await until(lambda: "s3" in link.offers_requested[3:])
+    await until(lambda: link.offers_requested[2:] == ["s3"])
     await link.emit(ports.OfferReceived("s3", "sid-s3b", "v=0"))
     await until(lambda: room.speaker_ids == {"s2", "s3"})
     assert env.admission.active == 2
+    assert room.waiting_speakers == frozenset()
+
+
+async def test_speaker_leaving_before_its_offer_frees_the_slot(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    for sid in ("s1", "s2", "s3"):
+        await link.emit(ports.SpeakerJoined(sid))
+    await until(lambda: link.offers_requested == ["s1", "s2"] and room.waiting_speakers == {"s3"})
+    await link.emit(ports.SpeakerLeft("s1"))  # no offer came for s1 yet
+    await until(lambda: link.offers_requested == ["s1", "s2", "s3"])
+    assert env.admission.active == 2
+    await env.manager.leave(TOKEN)
+    await until(lambda: env.manager.room(TOKEN) is None)
+    assert env.admission.active == 0
 
 
 async def test_offers_candidates_and_replacement(env: Env) -> None:
@@ -297,8 +319,13 @@ async def test_offers_candidates_and_replacement(env: Env) -> None:
     await until(lambda: len(env.speakers.speakers) == 2)
     await until(lambda: room.speaker_ids == {"hpb-s"})
     assert env.admission.active == 1
+    requested = len(link.offers_requested)
     await link.emit(ports.SessionReset())
     await wait_event(env.speakers.speakers[1].finished)
+    # still speaking: a fresh offer is asked for, its slot held meanwhile
+    await until(lambda: len(link.offers_requested) == requested + 1 and room.speaker_ids == frozenset())
+    assert env.admission.active == 1
+    await link.emit(ports.SpeakerLeft("hpb-s"))
     await until(lambda: env.admission.active == 0)
 
 

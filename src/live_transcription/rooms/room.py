@@ -139,6 +139,7 @@ class Room:
         self._link: ports.CallLink | None = None
         self._targets = TargetBook()
         self._wanted: set[str] = set()  # in call with audio, per the HPB
+        self._reserved: set[str] = set()  # offer requested, slot held, not arrived yet
         self._speakers: dict[str, SpeakerSession] = {}
         self._linger_generation = 0
         self._linger_task: asyncio.Task[None] | None = None
@@ -173,8 +174,8 @@ class Room:
 
     @property
     def waiting_speakers(self) -> frozenset[str]:
-        """In call with audio but not captioned (caps reached or offer pending)."""
-        return frozenset(self._wanted - self._speakers.keys())
+        """In call with audio but not captioned: a cap was reached."""
+        return frozenset(self._wanted - self._speakers.keys() - self._reserved)
 
     # --- the Manager's side -----------------------------------------------------------------------
     async def wait_joined(self) -> None:
@@ -249,9 +250,10 @@ class Room:
         finally:
             self.closing = True
             # speakers that ended during shutdown never reached the main loop
-            for _ in self._speakers:
+            for _ in range(len(self._speakers) + len(self._reserved)):
                 self._admission.release()
             self._speakers.clear()
+            self._reserved.clear()
             self._wanted.clear()
             self._link = None
             self.link_state = "closed"
@@ -326,6 +328,10 @@ class Room:
                     self._request_offer(session_id)
             case ports.SpeakerLeft(session_id):
                 self._wanted.discard(session_id)
+                if session_id in self._reserved:  # left before its offer came
+                    self._reserved.discard(session_id)
+                    self._admission.release()
+                    self._offer_to_waiting()
                 leaving = self._speakers.get(session_id)
                 if leaving is not None:
                     leaving.close()
@@ -352,16 +358,25 @@ class Room:
 
     # --- speakers ---------------------------------------------------------------------------------
     def _request_offer(self, session_id: str) -> None:
+        """Ask the SFU for a speaker's media, holding a caption slot for it
+        until the offer arrives, so no offer is requested beyond the caps."""
         if self._link is None:
             return
-        if self._refused(session_id):
-            return
+        if session_id not in self._reserved:
+            if self._refused(session_id):
+                return
+            self._reserved.add(session_id)
+            self._admission.acquire()
         self._link.request_offer(session_id)
+
+    @property
+    def _load(self) -> int:
+        return len(self._speakers) + len(self._reserved)
 
     def _refused(self, session_id: str) -> bool:
         """Admission: a refusal is counted, logged with its reason, and the
         speaker stays waiting (offered again when a slot frees up)."""
-        refusal = self._admission.try_admit(len(self._speakers))
+        refusal = self._admission.try_admit(self._load)
         if refusal is None:
             return False
         self.stats.speakers_refused += 1
@@ -377,10 +392,9 @@ class Room:
 
     def _offer_to_waiting(self) -> None:
         for session_id in sorted(self.waiting_speakers):
-            if self._admission.refusal(len(self._speakers)) is not None:
+            if self._admission.refusal(self._load) is not None:
                 return
-            if self._link is not None:
-                self._link.request_offer(session_id)
+            self._request_offer(session_id)
 
     def _start_speaker(self, offer: ports.OfferReceived, tasks: asyncio.TaskGroup) -> None:
         if self._link is None:
@@ -395,11 +409,17 @@ class Room:
             )
             return
         old = self._speakers.pop(offer.speaker, None)
-        if old is not None:  # a new offer replaces the old connection
+        if old is not None:  # a new offer replaces the old connection, in its slot
             old.close()
-            self._admission.release()
+            if offer.speaker in self._reserved:
+                self._reserved.discard(offer.speaker)
+                self._admission.release()
+        elif offer.speaker in self._reserved:  # the offer we asked for: its slot is held
+            self._reserved.discard(offer.speaker)
         elif self._refused(offer.speaker):
             return
+        else:
+            self._admission.acquire()
         context = SpeakerContext(
             room_token=self.token,
             session_id=offer.speaker,
@@ -410,7 +430,6 @@ class Room:
         )
         speaker = self._speaker_factory(context)
         self._speakers[offer.speaker] = speaker
-        self._admission.acquire()
         self.stats.speakers_started += 1
         tasks.create_task(self._run_speaker(offer.speaker, speaker), name=f"speaker-{offer.speaker}")
 
