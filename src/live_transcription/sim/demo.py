@@ -171,7 +171,7 @@ async def run_demo(
             APP_SECRET=app_secret,
             APP_HOST="127.0.0.1",
             APP_PORT=port,
-            NEXTCLOUD_URL=BACKEND,
+            LT_HPB_BACKEND_URL=BACKEND,  # no NEXTCLOUD_URL: no TURN lookup, host candidates
             LT_HPB_URL=hpb.url,
             LT_INTERNAL_SECRET=internal_secret,
             LT_LOG_LEVEL=log_level,
