@@ -6,11 +6,24 @@ import pytest
 
 from live_transcription.config import ConfigError, Engine, load_settings
 
-ENV_NAMES = (
-    "APP_ID APP_SECRET APP_VERSION APP_HOST APP_PORT NEXTCLOUD_URL LT_HPB_URL LT_INTERNAL_SECRET "
-    "SKIP_CERT_VERIFY LT_STT_ENGINE MODAL_WORKSPACE MODAL_KEY MODAL_SECRET LT_MODAL_URL "
-    "LT_MOSHI_URL LT_MOSHI_API_KEY"
-).split()
+ENV_NAMES = [
+    "APP_ID",
+    "APP_SECRET",
+    "APP_VERSION",
+    "APP_HOST",
+    "APP_PORT",
+    "NEXTCLOUD_URL",
+    "LT_HPB_URL",
+    "LT_INTERNAL_SECRET",
+    "SKIP_CERT_VERIFY",
+    "LT_STT_ENGINE",
+    "MODAL_WORKSPACE",
+    "MODAL_KEY",
+    "MODAL_SECRET",
+    "LT_MODAL_URL",
+    "LT_MOSHI_URL",
+    "LT_MOSHI_API_KEY",
+]
 
 
 @pytest.fixture(autouse=True)

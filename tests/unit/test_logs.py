@@ -32,7 +32,7 @@ def test_repeats_are_held_back_and_counted() -> None:
     limiter.window = 0
     passed = record("reconnecting to %s", "d")
     assert limiter.filter(passed)
-    assert passed.repeats == 2
+    assert getattr(passed, "repeats", None) == 2
 
 
 def test_limiter_memory_is_bounded() -> None:
