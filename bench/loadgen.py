@@ -218,6 +218,11 @@ class DirectBridge:
         # instance attribute shadows the method for aiortc's own send loop
         sender._next_encoded_frame = track.next_frame  # type: ignore[method-assign]
         await pc.setLocalDescription(await pc.createOffer())
+        if self._publishers.get(publisher) is not spec:
+            # the publisher left while the offer was being made
+            track.stop()
+            await pc.close()
+            raise LookupError(f"session {publisher} left")
         sid = next(self._sids)
         sub = Subscription(sid, subscriber, publisher, pc, track)
         self._subscriptions[sid] = sub

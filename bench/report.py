@@ -198,7 +198,8 @@ def churn_section(churn: Json) -> str:
         return f"Failed: `{churn['error']}`"
     rows = [
         [
-            "speaker join/leave cycles (connected within 20 s / not)",
+            f"speaker join/leave cycles, {churn.get('concurrency', 10)} at once"
+            " (connected within 20 s / not)",
             f"{churn['speaker_cycles'].get('connected')} / {churn['speaker_cycles'].get('not_connected')}"
             f" in {churn['speaker_seconds']} s",
         ],

@@ -66,6 +66,7 @@ class Options:
     warmup: float = 10.0
     measure: float = 30.0
     speaker_cycles: int = 1000
+    churn_concurrency: int = 10
     room_cycles: int = 100
     soak_minutes: float = 5.0
     soak_speakers: int = 50
@@ -559,7 +560,12 @@ async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
 
         async def speaker_cycles(count: int) -> Json:
             return await loadgen.call(
-                "cycle_speakers", token=home, count=count, concurrency=10, hold_ms=300, deadline=3600
+                "cycle_speakers",
+                token=home,
+                count=count,
+                concurrency=opts.churn_concurrency,
+                hold_ms=300,
+                deadline=3600,
             )
 
         async def room_cycles(count: int, start: int) -> int:
@@ -601,6 +607,7 @@ async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
         lg = await loadgen.call("stats", reset=False)
         return {
             "speaker_cycles": speakers,
+            "concurrency": opts.churn_concurrency,
             "speaker_seconds": round(speaker_seconds, 1),
             "room_cycles": opts.room_cycles,
             "room_failures": room_failures,
@@ -775,6 +782,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser.add_argument("--measure", type=float, default=30.0, help="seconds per window")
     parser.add_argument("--speaker-cycles", type=int, default=1000)
     parser.add_argument("--room-cycles", type=int, default=100)
+    parser.add_argument("--churn-concurrency", type=int, default=10, help="speakers joining at once")
     parser.add_argument("--soak-minutes", type=float, default=5.0)
     parser.add_argument("--soak-speakers", type=int, default=50)
     parser.add_argument("--partial-interval-ms", type=int, default=0, help="LT_PARTIAL_INTERVAL_MS")
@@ -802,6 +810,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         warmup=args.warmup,
         measure=args.measure,
         speaker_cycles=args.speaker_cycles,
+        churn_concurrency=args.churn_concurrency,
         room_cycles=args.room_cycles,
         soak_minutes=args.soak_minutes,
         soak_speakers=args.soak_speakers,
