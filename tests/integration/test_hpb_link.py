@@ -177,10 +177,12 @@ async def test_speakers_mapping_and_requestoffer(hpb: HpbEmulator) -> None:
             "sdpMLineIndex": 0,
             "sdpMid": "0",
         }
-        # b has no media: client_not_found is not fatal, the link keeps working
+        # b has no media: client_not_found is not fatal, the link keeps working,
+        # and the room learns which request failed
         await hpb.set_in_call(b, 3)
         assert await events.next() == ports.SpeakerJoined(b)
         link.request_offer(b)
+        assert await events.next() == ports.OfferFailed(b, "client_not_found")
         await hpb.set_in_call(a, 1)
         assert await events.next() == ports.SpeakerLeft(a)
         await hpb.remove_participant(b)

@@ -344,3 +344,25 @@ async def test_shutdown_leaves_every_room() -> None:
     assert manager.rooms() == []
     with pytest.raises(CapacityReached):
         await manager.transcribe("r4", "talk", True)
+
+
+async def test_refused_offer_frees_the_slot_without_asking_in_a_loop(env: Env) -> None:
+    await env.manager.transcribe(TOKEN, "talk-a", True)
+    link = env.links.links[TOKEN]
+    room = env.manager.room(TOKEN)
+    assert room is not None
+    for sid in ("s1", "s2", "s3"):
+        await link.emit(ports.SpeakerJoined(sid))
+    await until(lambda: link.offers_requested == ["s1", "s2"] and room.waiting_speakers == {"s3"})
+    await link.emit(ports.OfferFailed("s1", "client_not_found"))
+    # s1's slot goes to the waiting s3; s1 is not asked again on its own
+    await until(lambda: link.offers_requested == ["s1", "s2", "s3"])
+    assert env.admission.active == 2
+    await link.emit(ports.OfferReceived("s2", "sid-s2", "v=0"))
+    await link.emit(ports.OfferReceived("s3", "sid-s3", "v=0"))
+    await until(lambda: room.speaker_ids == {"s2", "s3"})
+    assert link.offers_requested == ["s1", "s2", "s3"]
+    # when the HPB reports s1 joining again and a slot is free, it is asked again
+    await link.emit(ports.SpeakerLeft("s2"))
+    await link.emit(ports.SpeakerJoined("s1"))
+    await until(lambda: link.offers_requested[3:] == ["s1"])

@@ -47,6 +47,7 @@ from live_transcription.rooms.ports import (
     HpbUnavailable,
     LinkState,
     LocalCandidate,
+    OfferFailed,
     OfferReceived,
     SessionReset,
     SpeakerLeft,
@@ -55,6 +56,7 @@ from live_transcription.rooms.ports import (
 log = logging.getLogger(__name__)
 
 NOT_FATAL_ERRORS = frozenset({"client_not_found", "processing_failed"})
+_OFFER_REQUESTS_KEPT = 256
 
 _SENT = {kind: metrics.captions_sent.labels(kind) for kind in ("partial", "final")}
 _DROPPED_SUPERSEDED = metrics.captions_dropped.labels("throttled-superseded")
@@ -130,6 +132,7 @@ class HpbLink:
         )
         self._events: asyncio.Queue[CallEvent | None] = asyncio.Queue(config.event_limit)
         self._requested: set[str] = set()  # speakers we asked offers from
+        self._offer_requests: dict[str, str] = {}  # requestoffer message id -> speaker
         self._ws: ClientConnection | None = None
         self._session_id: str | None = None
         self._resume_id: str | None = None
@@ -170,7 +173,12 @@ class HpbLink:
 
     def request_offer(self, speaker: str) -> None:
         self._requested.add(speaker)
-        self._control(protocol.request_offer(self._next_id(), speaker))
+        msg_id = self._next_id()
+        # a refusal echoes the id; success sends no reply, so keep only the latest few
+        self._offer_requests[msg_id] = speaker
+        while len(self._offer_requests) > _OFFER_REQUESTS_KEPT:
+            self._offer_requests.pop(next(iter(self._offer_requests)))
+        self._control(protocol.request_offer(msg_id, speaker))
 
     def send_answer(self, speaker: str, sid: str, sdp: str) -> None:
         self._control(protocol.answer(self._next_id(), speaker, sid, sdp, self._cfg.nick))
@@ -472,6 +480,9 @@ class HpbLink:
                     self._skip_media("candidate", event.sender)
             case protocol.Error(code=code) if code in NOT_FATAL_ERRORS:
                 log.info("HPB error in room %s: %s %s", self._short, code, event.message, extra=self._fields)
+                speaker = self._offer_requests.pop(event.id, None) if event.id else None
+                if speaker is not None:
+                    await self._emit(OfferFailed(speaker, code))
             case protocol.Error():
                 log.warning(
                     "HPB error in room %s: %s %s", self._short, event.code, event.message, extra=self._fields

@@ -60,6 +60,15 @@ class CandidateReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class OfferFailed:
+    """The HPB refused a ``requestoffer`` (e.g. ``client_not_found``: the
+    speaker publishes nothing right now)."""
+
+    speaker: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallEnded:
     """The call ended for everybody (``all`` with ``incall: 0``)."""
 
@@ -84,6 +93,7 @@ CallEvent = (
     | SessionMap
     | OfferReceived
     | CandidateReceived
+    | OfferFailed
     | CallEnded
     | SessionReset
     | LinkState

@@ -140,6 +140,7 @@ class Room:
         self._targets = TargetBook()
         self._wanted: set[str] = set()  # in call with audio, per the HPB
         self._reserved: set[str] = set()  # offer requested, slot held, not arrived yet
+        self._unavailable: set[str] = set()  # the HPB refused their offer: not asked again
         self._speakers: dict[str, SpeakerSession] = {}
         self._linger_generation = 0
         self._linger_task: asyncio.Task[None] | None = None
@@ -175,7 +176,7 @@ class Room:
     @property
     def waiting_speakers(self) -> frozenset[str]:
         """In call with audio but not captioned: a cap was reached."""
-        return frozenset(self._wanted - self._speakers.keys() - self._reserved)
+        return frozenset(self._wanted - self._speakers.keys() - self._reserved - self._unavailable)
 
     # --- the Manager's side -----------------------------------------------------------------------
     async def wait_joined(self) -> None:
@@ -254,6 +255,7 @@ class Room:
                 self._admission.release()
             self._speakers.clear()
             self._reserved.clear()
+            self._unavailable.clear()
             self._wanted.clear()
             self._link = None
             self.link_state = "closed"
@@ -324,10 +326,12 @@ class Room:
                     self._restart_linger(tasks)
             case ports.SpeakerJoined(session_id):
                 self._wanted.add(session_id)
+                self._unavailable.discard(session_id)
                 if session_id not in self._speakers:
                     self._request_offer(session_id)
             case ports.SpeakerLeft(session_id):
                 self._wanted.discard(session_id)
+                self._unavailable.discard(session_id)
                 if session_id in self._reserved:  # left before its offer came
                     self._reserved.discard(session_id)
                     self._admission.release()
@@ -335,6 +339,21 @@ class Room:
                 leaving = self._speakers.get(session_id)
                 if leaving is not None:
                     leaving.close()
+            case ports.OfferFailed(session_id, code):
+                # the SFU has nothing from this speaker now: free its slot for others and
+                # wait until the HPB reports it (re)joining, instead of asking in a loop
+                if session_id in self._reserved:
+                    self._reserved.discard(session_id)
+                    self._admission.release()
+                    self._unavailable.add(session_id)
+                    log.info(
+                        "room %s: no media from %s (%s)",
+                        _short(self.token),
+                        session_id,
+                        code,
+                        extra=fields(self.token, session_id),
+                    )
+                    self._offer_to_waiting()
             case ports.OfferReceived() as offer:
                 self._start_speaker(offer, tasks)
             case ports.CandidateReceived() as candidate:

@@ -546,7 +546,8 @@ class HpbEmulator:
                 if kind == "candidate" and isinstance(payload.get("candidate"), dict):
                     await self.bridge.candidate(me, target_id, str(sid), payload["candidate"])
                     return
-        if target is None:
+        if target is None or (kind == "requestoffer" and target.ws is None):
+            # unknown session, or media expected from an SFU that is not there
             if kind == "requestoffer":
                 await self._reply_to(session, _error(msg_id, "client_not_found", "no such client"))
             return  # like the real server: messages to unknown sessions vanish
