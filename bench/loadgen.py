@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -97,14 +98,13 @@ class Ticker:
         now = self._loop.time()
         self.tick += 1
         lag = now - (self._start + self.tick * self.step)
+        self.lag_max = max(self.lag_max, lag)
+        if lag > 0.005:
+            self.lag_over_5ms += 1
         if lag > self.step:
             missed = int(lag / self.step)
             self.tick += missed
             self.skipped += missed
-            lag -= missed * self.step
-        self.lag_max = max(self.lag_max, lag)
-        if lag > 0.005:
-            self.lag_over_5ms += 1
         phase = self.tick % self.phases
         event = self._events[phase]
         self._events[phase] = asyncio.Event()
@@ -113,6 +113,38 @@ class Ticker:
 
     async def wait(self, phase: int) -> None:
         await self._events[phase % self.phases].wait()
+
+
+class GcPauses:
+    """How long this process' garbage collections stop its loop (the
+    generator's own health: a long pause delays every stream's packets)."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.full = 0
+        self.total = 0.0
+        self.longest = 0.0
+
+    def install(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        self.count += 1
+        self.full += info.get("generation") == 2
+        self.total += pause
+        self.longest = max(self.longest, pause)
 
 
 # --- one stream -------------------------------------------------------------------------
@@ -315,6 +347,7 @@ class LoadGenerator:
         self._bridge: DirectBridge | None = None
         self._emulator: MeasuringEmulator | None = None
         self.nextcloud_port = 0
+        self.gc_pauses = GcPauses()
 
     @property
     def bridge(self) -> DirectBridge:
@@ -348,6 +381,7 @@ class LoadGenerator:
     async def run(self, max_seconds: float) -> None:
         self._ticker = Ticker()
         self._ticker.start()
+        self.gc_pauses.install()
         self._bridge = DirectBridge(self._ticker)
         runner = web.AppRunner(_nextcloud_stub())
         await runner.setup()
@@ -376,6 +410,7 @@ class LoadGenerator:
         finally:
             await self._bridge.aclose()
             self._ticker.stop()
+            self.gc_pauses.uninstall()
             await runner.cleanup()
 
     async def _serve_commands(self) -> None:
@@ -552,9 +587,14 @@ class LoadGenerator:
             "ticker_lag_max_ms": round(ticker.lag_max * 1000, 2),
             "ticker_lag_over_5ms": ticker.lag_over_5ms,
             "packets_sent": sum(s.track.log.sent for s in self.bridge.subscriptions.values()),
+            "gc_collections": self.gc_pauses.count,
+            "gc_full_collections": self.gc_pauses.full,
+            "gc_pause_total_ms": round(self.gc_pauses.total * 1000, 1),
+            "gc_pause_max_ms": round(self.gc_pauses.longest * 1000, 1),
         }
         if reset:
             ticker.reset_stats()
+            self.gc_pauses.reset()
             self.counters = Counters()
             if wl is not None:
                 wl.unmatched = wl.early = wl.finals = wl.partials = 0

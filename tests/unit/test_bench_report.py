@@ -82,3 +82,11 @@ def test_markdown_states_each_figure_against_its_target() -> None:
     assert "| churn: rooms / speakers left | 0 / 0 | 0 / 0 | met |" in text
     assert "![rss_active](img/rss_active.png)" in text
     assert "2/1 words per utterance" in text
+
+
+def test_windows_with_a_stalled_generator_or_missing_streams_are_not_figures() -> None:
+    from bench.report import valid
+
+    assert valid(_window(100, 1.0, 1.0) | {"seconds": 30.0, "ticker_skipped": 10})
+    assert not valid(_window(100, 1.0, 1.0) | {"seconds": 30.0, "ticker_skipped": 2544})
+    assert not valid(_window(200, 1.0, 1.0) | {"connected": 112})
