@@ -127,9 +127,10 @@ def summary(results: Json) -> str:
     silent = windows(results, "silent")
     idle_a = next((w for w in active if w["n"] == 0), None)
     if active:
+        good = [w for w in active if valid(w)]
         for up_to in (100, 200):
-            if any(w["n"] >= up_to for w in active):
-                value = rss_slope(active, up_to)
+            if any(w["n"] >= up_to for w in good):
+                value = rss_slope(good, up_to)
                 rows.append(
                     [
                         f"memory per active speaker (RSS slope N=0..{up_to})",
