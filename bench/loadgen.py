@@ -54,7 +54,7 @@ log = logging.getLogger("bench.loadgen")
 
 Json = dict[str, Any]
 SPEAKER_FLAGS = IN_CALL | WITH_AUDIO | 4  # in call, audio, video (a browser's 7)
-TARGET_FLAGS = IN_CALL | WITH_AUDIO
+TARGET_FLAGS = IN_CALL  # listening, no microphone: not a speaker itself
 
 
 # --- pacing -----------------------------------------------------------------------------
