@@ -188,14 +188,23 @@ def summary(results: Json) -> str:
                 _verdict(per <= 0.05),
             ]
         )
-    churn = results.get("churn")
-    if isinstance(churn, dict) and "rss_growth_mb" in churn:
+    for key in sorted(k for k in results if k.startswith("churn")):
+        churn = results[key]
+        if not isinstance(churn, dict) or "rss_growth_mb" not in churn:
+            continue
         growth = churn["rss_growth_mb"]
         end = churn.get("health_end", {})
         left = (end.get("rooms"), end.get("speakers"))
-        rows.append(["churn: RSS growth", f"{_fmt(growth, 2)} MB", "< 5 MB", _verdict(growth < 5)])
+        cycles = churn.get("speaker_cycles", {})
+        how = f"{churn.get('concurrency', 10)} at once, {cycles.get('connected')} of 1,000 connected"
+        rows.append([f"churn ({how}): RSS growth", f"{_fmt(growth, 2)} MB", "< 5 MB", _verdict(growth < 5)])
         rows.append(
-            ["churn: rooms / speakers left", f"{left[0]} / {left[1]}", "0 / 0", _verdict(left == (0, 0))]
+            [
+                f"churn ({how}): rooms / speakers left",
+                f"{left[0]} / {left[1]}",
+                "0 / 0",
+                _verdict(left == (0, 0)),
+            ]
         )
     return table(["figure", "measured", "target", "verdict"], rows)
 

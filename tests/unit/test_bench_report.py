@@ -79,7 +79,7 @@ def test_markdown_states_each_figure_against_its_target() -> None:
     assert "CPU per silent participant (N=100) | 0.100 %" in text
     assert "(packet sent -> transcript at HPB) | 20.0 ms | < 50 ms | met |" in text
     assert "N = 100" in text  # capacity: N=200 dropped frames
-    assert "| churn: rooms / speakers left | 0 / 0 | 0 / 0 | met |" in text
+    assert "connected): rooms / speakers left | 0 / 0 | 0 / 0 | met |" in text
     assert "![rss_active](img/rss_active.png)" in text
     assert "2/1 words per utterance" in text
 
