@@ -66,6 +66,20 @@ caption_latency = Histogram(
 )
 
 
+# Known label values exist from the start, so a scrape shows 0 rather than
+# nothing: "no drops" must be told apart from "not instrumented".
+for _reason in ("no-stream", "stt-behind"):
+    audio_frames_dropped.labels(_reason)
+for _reason in ("throttled-superseded", "hpb-down-overflow", "unsent-at-close", "no-target"):
+    captions_dropped.labels(_reason)
+for _outcome in ("resumed", "new-session", "failed"):
+    hpb_reconnects.labels(_outcome)
+for _kind in ("room-cap", "process-cap", "memory"):
+    speakers_refused.labels(_kind)
+for _kind in ("partial", "final"):
+    captions_sent.labels(_kind)
+
+
 class _StateCollector:
     """Rooms, speakers and targets, read from the Manager at scrape time."""
 
