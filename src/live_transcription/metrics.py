@@ -35,8 +35,8 @@ audio_frames_dropped = Counter(
 )
 audio_packets = Counter(
     f"{PREFIX}_audio_packets",
-    "RTP audio packets (added at each speech end and speaker end)",
-    ["kind"],  # received | silent | decoded | lost | late | concealed | decode-error
+    "RTP audio packets (added at each speech end, every 10 s of silence and at speaker end)",
+    ["kind"],  # received | silent | skipped | decoded | lost | late | concealed | decode-error
 )
 hpb_reconnects = Counter(
     f"{PREFIX}_hpb_reconnects",
@@ -78,6 +78,8 @@ for _kind in ("room-cap", "process-cap", "memory"):
     speakers_refused.labels(_kind)
 for _kind in ("partial", "final"):
     captions_sent.labels(_kind)
+for _kind in ("received", "silent", "skipped", "decoded", "lost", "late", "concealed", "decode-error"):
+    audio_packets.labels(_kind)
 
 
 class _StateCollector:

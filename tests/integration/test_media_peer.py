@@ -13,7 +13,9 @@ import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import aioice.stun
 import av
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +33,7 @@ from live_transcription.media.packet import OpusRtp
 from live_transcription.media.peer import ReceivePeer, UnsupportedOffer
 from live_transcription.rooms.ports import LocalCandidate
 from tests.unit.test_audio_opus import best_correlation, chirp
+from tests.waiting import until
 
 DEADLINE = 30
 PTIME = 0.02
@@ -477,3 +480,80 @@ async def test_open_close_cycles_leave_nothing_alive() -> None:
     still_running = [t for t in leftover if not t.done()]
     assert still_running == []
     assert _open_fds() <= fds_before + 2
+
+
+def silence(seconds: float) -> npt.NDArray[np.float32]:
+    return np.zeros(int(48_000 * seconds), dtype=np.float32)
+
+
+async def test_silence_is_skipped_before_decryption_and_speech_keeps_its_preroll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed_as_stun: list[bytes] = []
+    parse_message = aioice.stun.parse_message
+
+    def counting_parse(data: bytes, *args: Any, **kwargs: Any) -> aioice.stun.Message:
+        parsed_as_stun.append(data[:2])
+        return parse_message(data, *args, **kwargs)
+
+    monkeypatch.setattr(aioice.stun, "parse_message", counting_parse)
+    config = GateConfig(speech_end_ms=400)
+    listener = Listener(config)
+    second_utterance = asyncio.Event()
+
+    def on_rtp(packet: OpusRtp) -> None:
+        listener.on_rtp(packet)
+        if listener.audio.utterances >= 2:
+            second_utterance.set()
+
+    signal = np.concatenate([silence(1.0), chirp(48_000, 1.5), silence(1.5), chirp(48_000, 0.3)])
+    peer = ReceivePeer(
+        ice_servers=[], on_rtp=on_rtp, on_candidate=lambda _: None, label="s", gate=listener.audio
+    )
+    async with peer:
+        publisher = await connect(peer, WaveTrack(signal))
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await second_utterance.wait()
+        finally:
+            await publisher.close()
+        skipped = peer.packets_skipped
+    preroll = listener.audio.preroll_packets
+    levels = [p.audio_level for p in listener.packets]
+    assert all(level is not None for level in levels)
+    first_voiced = next(i for i, level in enumerate(levels) if level is not None and level <= 50)
+    # before the first word only the pre-roll got through: 12 of ~50 silent packets
+    assert first_voiced == preroll
+    # about 1 s before the first utterance and 1.5 s minus the 400 ms hangover after it
+    assert skipped >= (50 - preroll) + (50 - preroll), skipped
+    assert listener.audio.stream_restarts == 0
+    assert listener.audio.decode_errors == 0
+    decoded = np.concatenate(listener.frames)
+    assert best_correlation(chirp(24_000, 1.5), decoded, max_lag=24 * 240 + 2_400) > 0.8  # after the pre-roll
+    # RTP went around aioice's STUN parser; STUN (connectivity checks) went through it.
+    # (The publisher, in this process too, still parses the RTCP it receives.)
+    assert any(head[0] < 4 for head in parsed_as_stun)
+    rtp = [head for head in parsed_as_stun if 127 < head[0] < 192 and not 192 <= head[1] <= 223]
+    assert rtp == []
+
+
+async def test_skipped_silence_keeps_the_connection_alive() -> None:
+    clock = ManualClock()
+    listener = Listener()
+    peer = listener.peer(clock=clock, disconnect_timeout=20.0, gate=listener.audio)
+    async with peer:
+        publisher = await connect(peer, WaveTrack(silence(0.0)))  # silence forever
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await until(lambda: peer.connected and peer.packets_skipped > 0)
+                waiter = asyncio.ensure_future(peer.wait_closed())
+                await clock.wait_for_sleepers(1)
+                await clock.advance(19.0)
+                seen = peer.packets_skipped
+                await until(lambda: peer.packets_skipped > seen)  # arrived "at" 19 s
+                await clock.advance(19.0)
+                assert not waiter.done()  # 38 s since the start, 19 s since a packet
+                assert listener.packets == []  # none of it was decrypted and handed on
+        finally:
+            await publisher.close()
+    assert await waiter == "closed"

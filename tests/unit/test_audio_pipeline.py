@@ -220,6 +220,25 @@ def test_big_jump_restarts_without_concealing() -> None:
     assert sink.audio.packets_decoded == 20
 
 
+def test_silence_skipped_upstream_is_not_a_restart() -> None:
+    # media/silence_skip holds back silent packets outside utterances: the
+    # next packets jump ahead, and the pre-roll right before speech is kept
+    sink = Sink(GateConfig(speech_end_ms=100, preroll_ms=60))
+    stream = Stream()
+    feed(sink, stream.packets(chirp(48_000, 0.2), LOUD))
+    feed(sink, stream.packets(silence(0.2), QUIET))
+    assert sink.events[-1] == "end"
+    stream.seq += 500
+    stream.ts += 500 * 960
+    feed(sink, stream.packets(silence(0.06), QUIET))  # the held pre-roll
+    decoded = sink.audio.packets_decoded
+    feed(sink, stream.packets(chirp(48_000, 0.2), LOUD))
+    assert sink.audio.stream_restarts == 0
+    assert sink.audio.packets_concealed == 0
+    assert sink.audio.packets_decoded == decoded + 3 + 10  # pre-roll first, then speech
+    assert sink.audio.utterances == 2
+
+
 def test_sequence_wraparound_is_not_a_loss() -> None:
     sink = Sink()
     feed(sink, Stream(seq=65530, ts=(1 << 32) - 960 * 3).packets(chirp(48_000, 0.4), LOUD))

@@ -123,7 +123,17 @@ class SpeakerAudio:
 
     @property
     def speaking(self) -> bool:
+        """Inside an utterance (its hangover included)."""
         return self._speaking
+
+    @property
+    def silence_level_dbov(self) -> int:
+        return self._config.silence_level_dbov
+
+    @property
+    def preroll_packets(self) -> int:
+        """How many packets of silence before speech the pre-roll keeps."""
+        return self._preroll_packets.capacity if self._use_preroll else 0
 
     def counters(self) -> dict[str, int]:
         return {
@@ -200,6 +210,12 @@ class SpeakerAudio:
             lost = delta - 1
             self.packets_lost += lost
             return lost
+        if delta > 0 and self._level_mode and not self._speaking:
+            # silence skipped before us (media/silence_skip): not a restart,
+            # the decoder is reset when speech starts anyway
+            self._have_ts = False
+            self._preroll_packets.clear()
+            return 0
         self._restart()  # a big jump either way: the sender restarted or we lost a lot
         return 0
 

@@ -13,6 +13,13 @@ and take the Opus packets straight from RTP instead:
   per-SSRC statistics (what the receiver reports need) and hands each packet,
   inline on the event loop, to ``on_rtp`` as an ``OpusRtp``. No jitter
   buffer, no queue, no thread.
+* optionally, aioice's ``Connection.data_received`` is overridden per
+  instance by a ``SilenceSkipper``, which holds back silent packets before
+  they enter the connection's queue (``silence_skip``); and once candidates
+  are gathered, each ``StunProtocol.datagram_received`` is overridden per
+  instance so that an RTP/RTCP datagram (first byte 128..191, never STUN,
+  RFC 7983) goes to the skipper without aioice first trying, and failing,
+  to parse it as STUN.
 
 ``RTCRtpReceiver.stop`` keeps working unchanged: it sees ``__started``,
 unregisters from the transport, finds no decoder thread to stop, and cancels
@@ -33,14 +40,18 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from aioice import Connection
+from aioice.ice import StunProtocol
 from aiortc import RTCRtpReceiver
 from aiortc.codecs import HEADER_EXTENSIONS
 from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcicetransport import RTCIceTransport
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpReceiveParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import HeaderExtensions, RtpPacket
 
 from live_transcription.media.packet import OpusRtp
+from live_transcription.media.silence_skip import SilenceSkipper
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +95,15 @@ def check_seam(receiver: RTCRtpReceiver | None = None) -> None:
         (RTCDtlsTransport, "_register_rtp_receiver"),
         (RTCDtlsTransport, "_unregister_rtp_receiver"),
         (StreamStatistics, "add"),
+        (Connection, "data_received"),
+        (StunProtocol, "datagram_received"),
     ):
         if not hasattr(owner, name):
             missing.append(f"{owner.__name__}.{name}")
     if not hasattr(HeaderExtensions(), "audio_level"):
         missing.append("HeaderExtensions.audio_level")
+    if receiver is not None and not isinstance(_ice_connection(receiver), Connection):
+        missing.append("RTCIceTransport._connection")
     if missing:
         raise SeamBroken("aiortc internals used by media/lean_receiver.py are gone: " + ", ".join(missing))
 
@@ -116,6 +131,7 @@ class LeanTap:
         "_on_rtp",
         "_opus_types",
         "_receiver",
+        "_skipper",
         "_warned",
         "handler_errors",
         "packets",
@@ -127,10 +143,12 @@ class LeanTap:
         receiver: RTCRtpReceiver,
         on_rtp: Callable[[OpusRtp], None],
         now: Callable[[], float],
+        skipper: SilenceSkipper | None,
     ) -> None:
         self._receiver: weakref.ref[RTCRtpReceiver] = weakref.ref(receiver)
         self._on_rtp = on_rtp
         self._now = now
+        self._skipper = skipper
         self._opus_types: frozenset[int] = frozenset()
         self._warned = False
         self.packets = 0
@@ -141,6 +159,15 @@ class LeanTap:
         """Stop handing packets to ``on_rtp`` and drop the reference to it."""
         self._on_rtp = _ignore
         self._opus_types = frozenset()
+        if self._skipper is not None:
+            self._skipper.detach()
+            receiver = self._receiver()
+            connection = None if receiver is None else _ice_connection(receiver)
+            if isinstance(connection, Connection):
+                # back to aioice's own methods; breaks the aioice -> skipper links
+                vars(connection).pop("data_received", None)
+                for protocol in getattr(connection, "_protocols", []):
+                    vars(protocol).pop("datagram_received", None)
 
     async def receive(self, parameters: RTCRtpReceiveParameters) -> None:
         receiver = self._receiver()
@@ -155,6 +182,9 @@ class LeanTap:
             if codec.mimeType.lower() == "audio/opus":
                 opus_types.add(codec.payloadType)
         self._opus_types = frozenset(opus_types)
+        if self._skipper is not None:
+            level_ids = [ext.id for ext in parameters.headerExtensions if ext.uri == AUDIO_LEVEL_URI]
+            self._skipper.configure(level_ids[0] if level_ids else None, self._opus_types)
         receiver.transport._register_rtp_receiver(receiver, parameters)
         # aiortc's RTCP loop: receiver reports, and what stop() waits for
         setattr(receiver, _RTCP_TASK, asyncio.ensure_future(receiver._run_rtcp()))
@@ -197,21 +227,68 @@ def _ignore(packet: OpusRtp) -> None:
     pass
 
 
-def install(receiver: RTCRtpReceiver, on_rtp: Callable[[OpusRtp], None], now: Callable[[], float]) -> LeanTap:
-    """Replace ``receiver``'s decode path with a ``LeanTap``. Call before the
-    connection starts receiving (before the local description is set)."""
+def _ice_connection(receiver: RTCRtpReceiver) -> object:
+    ice = getattr(getattr(receiver, "transport", None), "transport", None)
+    return getattr(ice, "_connection", None) if isinstance(ice, RTCIceTransport) else None
+
+
+def install(
+    receiver: RTCRtpReceiver,
+    on_rtp: Callable[[OpusRtp], None],
+    now: Callable[[], float],
+    skipper: SilenceSkipper | None = None,
+) -> LeanTap:
+    """Replace ``receiver``'s decode path with a ``LeanTap`` and, with a
+    ``skipper``, put it in front of the ICE connection's datagram handler.
+    Call before the connection starts receiving (before the local
+    description is set)."""
     global _seam_checked  # noqa: PLW0603 - checked once per process
     if not _seam_checked:
         check_seam(receiver)
         _seam_checked = True
     if getattr(receiver, _STARTED):
         raise RuntimeError("the receiver already started: install the lean tap before")
-    tap = LeanTap(receiver, on_rtp, now)
+    tap = LeanTap(receiver, on_rtp, now, skipper)
     # instance attributes shadow the class' methods for every caller,
-    # including the transport's packet router
+    # including the transport's packet router and aioice's datagram protocol
     receiver.receive = tap.receive  # type: ignore[method-assign]
     receiver._handle_rtp_packet = tap.handle_rtp_packet  # type: ignore[method-assign]
+    if skipper is not None:
+        connection = _ice_connection(receiver)
+        assert isinstance(connection, Connection)
+        skipper.attach(connection.data_received)
+        connection.data_received = skipper.datagram  # type: ignore[method-assign]
     return tap
+
+
+def bypass_stun_parsing(receiver: RTCRtpReceiver, skipper: SilenceSkipper) -> int:
+    """After gathering: route RTP/RTCP datagrams of every local candidate's
+    protocol straight to ``skipper`` (what aioice does for them too, minus
+    the failed STUN parse). Returns how many protocols were routed."""
+    connection = _ice_connection(receiver)
+    protocols = getattr(connection, "_protocols", None)
+    if not isinstance(protocols, list):
+        raise SeamBroken("aiortc internals used by media/lean_receiver.py are gone: Connection._protocols")
+    for protocol in protocols:
+        if isinstance(protocol, StunProtocol):
+            protocol.datagram_received = _rtp_first(  # type: ignore[method-assign,assignment]
+                protocol.datagram_received, skipper.datagram, protocol.local_candidate.component
+            )
+    return len(protocols)
+
+
+def _rtp_first(
+    stun_path: Callable[[bytes | str, tuple[Any, ...]], None],
+    rtp_path: Callable[[bytes, int], None],
+    component: int,
+) -> Callable[[bytes | str, tuple[Any, ...]], None]:
+    def datagram_received(data: bytes | str, addr: tuple[Any, ...]) -> None:
+        if isinstance(data, bytes) and data and 127 < data[0] < 192:
+            rtp_path(data, component)
+        else:
+            stun_path(data, addr)
+
+    return datagram_received
 
 
 def decoder_thread_started(receiver: RTCRtpReceiver) -> bool:

@@ -41,6 +41,7 @@ from live_transcription.clock import Clock, MonotonicClock
 from live_transcription.media import lean_receiver
 from live_transcription.media.packet import OpusRtp
 from live_transcription.media.sdp import OfferPlan, UnsupportedOffer, build_answer, plan_offer
+from live_transcription.media.silence_skip import SilenceGate, SilenceSkipper
 from live_transcription.rooms.ports import LocalCandidate
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class ReceivePeer:
         clock: Clock | None = None,
         connect_timeout: float = 30.0,
         disconnect_timeout: float = 20.0,
+        gate: SilenceGate | None = None,
     ) -> None:
         lean_receiver.ensure_audio_level_extension()
         self._clock: Clock = clock or MonotonicClock()
@@ -79,7 +81,9 @@ class ReceivePeer:
             [c for c in capabilities.codecs if c.mimeType.lower() == "audio/opus"]
         )
         self._receiver = transceiver.receiver
-        self._tap = lean_receiver.install(self._receiver, self._handle_rtp, self._clock.now)
+        # with the audio path's gate, silent packets are skipped before decryption
+        self._skipper = None if gate is None else SilenceSkipper(gate, now=self._clock.now)
+        self._tap = lean_receiver.install(self._receiver, self._handle_rtp, self._clock.now, self._skipper)
         self._pc.on("connectionstatechange", self._on_connection_state)
         self._plan: OfferPlan | None = None
         self._pending: list[tuple[str, str | None, int | None]] = []
@@ -111,6 +115,11 @@ class ReceivePeer:
         return self._tap.packets
 
     @property
+    def packets_skipped(self) -> int:
+        """Silent packets dropped before decryption (never handed to ``on_rtp``)."""
+        return 0 if self._skipper is None else self._skipper.skipped
+
+    @property
     def receiver(self) -> RTCRtpReceiver:
         return self._receiver
 
@@ -126,6 +135,8 @@ class ReceivePeer:
             plan = plan_offer(sdp)
             await self._pc.setRemoteDescription(RTCSessionDescription(plan.offer, "offer"))
             await self._pc.setLocalDescription(await self._pc.createAnswer())
+            if self._skipper is not None:
+                lean_receiver.bypass_stun_parsing(self._receiver, self._skipper)
         except UnsupportedOffer:
             await self._shutdown("unsupported-offer")
             raise
@@ -188,7 +199,10 @@ class ReceivePeer:
                 continue
             now = self._clock.now()
             if self._connected:
-                deadline = self._last_rtp + self._disconnect_timeout
+                last_rtp = self._last_rtp
+                if self._skipper is not None:
+                    last_rtp = max(last_rtp, self._skipper.last_arrival)  # silence is alive too
+                deadline = last_rtp + self._disconnect_timeout
                 expired = "disconnected-timeout"
             else:
                 deadline = self._deadline_start + self._connect_timeout

@@ -47,6 +47,11 @@ IceServers = Callable[[], Awaitable[Sequence[RTCIceServer]]]
 _ARRIVALS = 1024
 """Frame arrival times kept for latency measurement (~80 s of speech)."""
 _IDLE_CHECK_SECONDS = 0.25
+"""How often an utterance is checked for packets having stopped (muted, gone)."""
+_QUIET_CHECK_SECONDS = 1.0
+"""The same outside utterances, where only counters are reported (fewer wake-ups)."""
+_REPORT_SECONDS = 10.0
+"""Counters of a speaker who stays silent are added to the metrics this often."""
 ENGINE_RETRY_SECONDS = 60.0
 """After a fatal stream error, how long a speaker waits before opening a new stream."""
 _RECONNECT_REASONS = frozenset({"connection", "capacity", "timeout"})
@@ -59,6 +64,7 @@ _PACKET_KINDS = {
     "packets_late": "late",
     "packets_concealed": "concealed",
     "decode_errors": "decode-error",
+    "packets_skipped": "skipped",
 }
 
 
@@ -94,6 +100,7 @@ class Speaker:
         self._pending_word_end: float | None = None
         self._local_candidates: list[ports.LocalCandidate] | None = []  # None once answered
         self._audio: SpeakerAudio | None = None
+        self._peer: ReceivePeer | None = None
         self._reported: dict[str, int] = {}  # audio counters already added to the metrics
         self._stream_drops_reported = 0
         self._words_metric = metrics.words_in.labels(engine.name)
@@ -135,7 +142,9 @@ class Speaker:
                 on_candidate=self._send_candidate,
                 label=label,
                 clock=self._clock,
+                gate=audio,
             ) as peer:
+                self._peer = peer
                 try:
                     answer = await peer.accept_offer(self.context.offer.sdp)
                 except UnsupportedOffer as exc:
@@ -163,6 +172,7 @@ class Speaker:
             self._set_reconnecting(False)
             audio.close()
             self._audio = None
+            self._peer = None
             self._stream = None
             self.end_reason = self.end_reason or "closed"
             metrics.speakers_ended.labels(self.end_reason).inc()
@@ -188,7 +198,10 @@ class Speaker:
         at the speaker's end, never per packet."""
         audio = self._audio
         if audio is not None:
-            for name, value in audio.counters().items():
+            counters = audio.counters()
+            if self._peer is not None:
+                counters["packets_skipped"] = self._peer.packets_skipped
+            for name, value in counters.items():
                 kind = _PACKET_KINDS.get(name)
                 if kind is not None and value != self._reported.get(name, 0):
                     metrics.audio_packets.labels(kind).inc(value - self._reported.get(name, 0))
@@ -320,11 +333,17 @@ class Speaker:
         self.close()
 
     async def _watch_idle(self, audio: SpeakerAudio) -> None:
-        """End the utterance when packets stop altogether (muted, gone)."""
+        """End the utterance when packets stop altogether (muted, gone); keep
+        the metrics of a silent speaker current."""
+        reported = self._clock.now()
         while True:
-            await self._clock.sleep(_IDLE_CHECK_SECONDS)
+            await self._clock.sleep(_IDLE_CHECK_SECONDS if audio.speaking else _QUIET_CHECK_SECONDS)
+            now = self._clock.now()
             if audio.speaking:
-                audio.check_idle(self._clock.now())
+                audio.check_idle(now)
+            elif now - reported >= _REPORT_SECONDS:
+                reported = now
+                self._report_audio()
 
     def _separator(self, language: str) -> str:
         entry = self._languages.get(language)
