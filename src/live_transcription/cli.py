@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
 import sys
 
 
@@ -25,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve()
     if args.command == "demo":
+        from live_transcription import loop as event_loop  # noqa: PLC0415
         from live_transcription.logs import setup_logging  # noqa: PLC0415
         from live_transcription.sim.demo import run_demo  # noqa: PLC0415
 
         setup_logging(args.log_level.upper(), "text")
         try:
-            result = asyncio.run(
-                run_demo(use_janus=args.janus, language=args.language, log_level=args.log_level)
+            result = event_loop.run(
+                run_demo(use_janus=args.janus, language=args.language, log_level=args.log_level),
+                os.environ.get("LT_EVENT_LOOP", "uvloop"),
             )
         except KeyboardInterrupt:
             return 130

@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     max_rooms: int = Field(200, alias="LT_MAX_ROOMS", ge=1)
     memory_limit_mb: int = Field(0, alias="LT_MEMORY_LIMIT_MB", ge=0)
     default_language: str = Field("en", alias="LT_DEFAULT_LANGUAGE")
+    event_loop: str = Field("uvloop", alias="LT_EVENT_LOOP", pattern="^(uvloop|asyncio)$")
     log_level: str = Field("INFO", alias="LT_LOG_LEVEL")
     log_format: str = Field("json", alias="LT_LOG_FORMAT", pattern="^(json|text)$")
 

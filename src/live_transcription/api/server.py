@@ -14,6 +14,7 @@ import sys
 
 import uvicorn
 
+from live_transcription import loop as event_loop
 from live_transcription.api.app import create_app
 from live_transcription.config import ConfigError, Settings, load_settings
 from live_transcription.logs import setup_logging
@@ -90,5 +91,5 @@ def serve() -> int:
         log.warning("not configured for calls yet: %s", ", ".join(missing))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore_signal)
-    asyncio.run(run_server(settings))
+    event_loop.run(run_server(settings), settings.event_loop)
     return 0
