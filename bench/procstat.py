@@ -39,6 +39,8 @@ class Sample:
     wall: float
     cpu_seconds: float
     rss_bytes: int
+    system_seconds: float = 0.0
+    """The part of ``cpu_seconds`` spent in the kernel (stime)."""
 
 
 def parse_stat(text: str) -> CpuTimes:
@@ -72,11 +74,14 @@ def parse_status_rss(text: str) -> int:
     raise ProcParseError("no VmRSS line (a kernel thread or a zombie?)")
 
 
-def cpu_percent(before: Sample, after: Sample) -> float:
-    """CPU used between two samples, in percent of one core."""
+def cpu_percent(before: Sample, after: Sample, *, system_only: bool = False) -> float:
+    """CPU used between two samples, in percent of one core (kernel time
+    only with ``system_only``)."""
     wall = after.wall - before.wall
     if wall <= 0:
         raise ValueError("samples must be in time order and apart")
+    if system_only:
+        return 100.0 * (after.system_seconds - before.system_seconds) / wall
     return 100.0 * (after.cpu_seconds - before.cpu_seconds) / wall
 
 
@@ -116,6 +121,6 @@ class ProcessSampler:
 
     def sample(self) -> Sample:
         wall = time.monotonic()
-        cpu = parse_stat((self._dir / "stat").read_text()).seconds(self._clock_ticks)
+        times = parse_stat((self._dir / "stat").read_text())
         rss = parse_status_rss((self._dir / "status").read_text())
-        return Sample(wall, cpu, rss)
+        return Sample(wall, times.seconds(self._clock_ticks), rss, times.stime_ticks / self._clock_ticks)

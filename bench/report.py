@@ -355,10 +355,13 @@ def markdown(results: Json, images: dict[str, str]) -> str:
         parts += ["## Soak", "", soak_section(results["soak"]), ""]
         if "soak" in images:
             parts += [f"![soak]({images['soak']})", ""]
-    profile = (
-        (results.get("active") or {}).get("profile") if isinstance(results.get("active"), dict) else None
-    )
-    parts += ["## Where the time goes", "", profile_section(profile or {}), ""]
+    for kind, title in (("active", "active speakers"), ("silent", "silent participants")):
+        section = results.get(kind)
+        profile = section.get("profile") if isinstance(section, dict) else None
+        if kind == "active" or profile:
+            n = (profile or {}).get("n")
+            at = f", N = {n}" if n else ""
+            parts += [f"## Where the time goes: {title}{at}", "", profile_section(profile or {}), ""]
     if NOTES.exists():
         parts += [NOTES.read_text().strip(), ""]
     return "\n".join(parts)

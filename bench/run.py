@@ -225,6 +225,7 @@ class Service:
             "LT_MAX_ROOMS": "1000",
             "LT_LOG_LEVEL": self._opts.service_log_level,
             "LT_PARTIAL_INTERVAL_MS": str(self._opts.partial_interval_ms),
+            **({"LT_EVENT_LOOP": os.environ["LT_EVENT_LOOP"]} if "LT_EVENT_LOOP" in os.environ else {}),
         }
         command = shlex.split(self._opts.service_cmd) or [str(VENV_BIN / "live-transcription"), "serve"]
         log_file = (self._work / f"service-{self._label}.log").open("ab")
@@ -368,6 +369,7 @@ class Window:
     seconds: float = 0.0
     rss_mb: float = 0.0
     cpu_percent: float = 0.0
+    cpu_system_percent: float = 0.0
     generator_cpu_percent: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)
     service_latency_ms: dict[str, float] = field(default_factory=dict)
@@ -408,6 +410,7 @@ async def measure(
     window = Window(n=n, kind=kind, seconds=after.wall - before.wall)
     window.rss_mb = sorted(rss)[len(rss) // 2] / 2**20 if rss else after.rss_bytes / 2**20
     window.cpu_percent = cpu_percent(before, after)
+    window.cpu_system_percent = cpu_percent(before, after, system_only=True)
     window.generator_cpu_percent = cpu_percent(gen_before, gen_after)
     window.latency_ms = {f"p{q}": round(percentile(latencies, q), 2) for q in (50, 95, 99)} | {
         "max": round(max(latencies), 2) if latencies else math.nan
@@ -500,8 +503,8 @@ async def scenario_load(opts: Options, word_map: WordMap | None, kind: str, step
             window = await measure(service, loadgen, generator, n=n, kind=kind, seconds=opts.measure)
             windows.append(window)
             log.info("%s N=%d (%.0f s): %s", kind, n, time.monotonic() - started, _brief(window))
-            if kind == "active" and n == opts.profile_at and opts.profile_seconds > 0:
-                profile = await profile_service(service.pid, opts, f"{kind}-{n}")
+            if n == opts.profile_at and opts.profile_seconds > 0:
+                profile = await profile_service(service.pid, opts, f"{kind}-{n}") | {"n": n}
             if not service.alive():
                 log.error("the service died at N=%d", n)
                 break
@@ -687,7 +690,8 @@ async def scenario_soak(opts: Options, word_map: WordMap | None) -> Json:
 
 def _brief(window: Window) -> str:
     return (
-        f"rss {window.rss_mb:.1f} MB, cpu {window.cpu_percent:.1f} %, "
+        f"rss {window.rss_mb:.1f} MB, cpu {window.cpu_percent:.1f} % "
+        f"(kernel {window.cpu_system_percent:.1f} %), "
         f"gen {window.generator_cpu_percent:.1f} %, "
         f"latency {window.latency_ms}, drops {window.frames_dropped:.0f}, connected {window.connected}"
     )
