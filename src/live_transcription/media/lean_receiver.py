@@ -102,8 +102,12 @@ def check_seam(receiver: RTCRtpReceiver | None = None) -> None:
             missing.append(f"{owner.__name__}.{name}")
     if not hasattr(HeaderExtensions(), "audio_level"):
         missing.append("HeaderExtensions.audio_level")
-    if receiver is not None and not isinstance(_ice_connection(receiver), Connection):
-        missing.append("RTCIceTransport._connection")
+    if receiver is not None:
+        connection = _ice_connection(receiver)
+        if not isinstance(connection, Connection):
+            missing.append("RTCIceTransport._connection")
+        elif not isinstance(getattr(connection, "_protocols", None), list):
+            missing.append("Connection._protocols")
     if missing:
         raise SeamBroken("aiortc internals used by media/lean_receiver.py are gone: " + ", ".join(missing))
 
