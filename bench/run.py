@@ -225,7 +225,7 @@ class Service:
             "LT_MAX_ROOMS": "1000",
             "LT_LOG_LEVEL": self._opts.service_log_level,
             "LT_PARTIAL_INTERVAL_MS": str(self._opts.partial_interval_ms),
-            **({"LT_EVENT_LOOP": os.environ["LT_EVENT_LOOP"]} if "LT_EVENT_LOOP" in os.environ else {}),
+            **{name: os.environ[name] for name in ("LT_EVENT_LOOP", "LT_UDP_TICK_MS") if name in os.environ},
         }
         command = shlex.split(self._opts.service_cmd) or [str(VENV_BIN / "live-transcription"), "serve"]
         log_file = (self._work / f"service-{self._label}.log").open("ab")

@@ -17,4 +17,4 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     name = os.environ.get("LT_TEST_EVENT_LOOP", "uvloop")
-    return {name: loop_factory(name) or asyncio.new_event_loop}
+    return {name: loop_factory(name)}

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             result = event_loop.run(
                 run_demo(use_janus=args.janus, language=args.language, log_level=args.log_level),
                 os.environ.get("LT_EVENT_LOOP", "uvloop"),
+                int(os.environ.get("LT_UDP_TICK_MS", event_loop.DEFAULT_UDP_TICK_MS)),
             )
         except KeyboardInterrupt:
             return 130

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     memory_limit_mb: int = Field(0, alias="LT_MEMORY_LIMIT_MB", ge=0)
     default_language: str = Field("en", alias="LT_DEFAULT_LANGUAGE")
     event_loop: str = Field("uvloop", alias="LT_EVENT_LOOP", pattern="^(uvloop|asyncio)$")
+    udp_tick_ms: int = Field(10, alias="LT_UDP_TICK_MS", ge=0, le=40)
     log_level: str = Field("INFO", alias="LT_LOG_LEVEL")
     log_format: str = Field("json", alias="LT_LOG_FORMAT", pattern="^(json|text)$")
 

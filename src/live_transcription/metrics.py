@@ -55,6 +55,10 @@ stt_streams_reconnecting = Gauge(
 speakers_refused = Counter(
     f"{PREFIX}_speakers_refused", "Speakers not captioned because a cap was reached", ["reason"]
 )
+udp_sends_dropped = Counter(
+    f"{PREFIX}_udp_sends_dropped",
+    "UDP datagrams (media, STUN) not sent because the socket buffer was full",
+)
 speakers_started = Counter(f"{PREFIX}_speakers_started", "Speaker sessions started")
 speakers_ended = Counter(f"{PREFIX}_speakers_ended", "Speaker sessions ended", ["reason"])
 rooms_opened = Counter(f"{PREFIX}_rooms_opened", "Rooms joined")

@@ -16,8 +16,9 @@ async def running_loop() -> type:
 def test_uvloop_is_the_default_and_asyncio_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LT_EVENT_LOOP", raising=False)
     assert load_settings().event_loop == "uvloop"
-    assert loop.run(running_loop(), "uvloop") is uvloop.Loop
+    assert issubclass(loop.run(running_loop(), "uvloop"), uvloop.Loop)
     assert not issubclass(loop.run(running_loop(), "asyncio"), uvloop.Loop)
+    assert loop.run(running_loop(), "uvloop", udp_tick_ms=0) is uvloop.Loop
 
 
 def test_an_unknown_loop_is_refused() -> None:

@@ -15,6 +15,7 @@ import sys
 import uvicorn
 
 from live_transcription import loop as event_loop
+from live_transcription import metrics
 from live_transcription.api.app import create_app
 from live_transcription.config import ConfigError, Settings, load_settings
 from live_transcription.logs import setup_logging
@@ -91,5 +92,10 @@ def serve() -> int:
         log.warning("not configured for calls yet: %s", ", ".join(missing))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore_signal)
-    event_loop.run(run_server(settings), settings.event_loop)
+    event_loop.run(
+        run_server(settings),
+        settings.event_loop,
+        settings.udp_tick_ms,
+        metrics.udp_sends_dropped.inc,
+    )
     return 0
