@@ -63,6 +63,7 @@ class Gate:
     speaking = False
     silence_level_dbov = 50
     preroll_packets = 12
+    kernel_drop_level = None
 
 
 class Receiver(asyncio.DatagramProtocol):

@@ -14,6 +14,7 @@ from tests.unit.test_audio_opus import best_correlation, chirp
 
 LOUD = 20
 QUIET = 127
+LEAD_IN = 12 * 480  # the default 240 ms pre-roll: silence before the first word at 24 kHz
 
 
 class Sink:
@@ -81,8 +82,10 @@ def test_voiced_packets_become_80ms_frames_matching_the_source() -> None:
     sink = Sink()
     feed(sink, Stream().packets(chirp(48_000, 1.0), LOUD))
     assert all(f.shape == (FRAME_SAMPLES,) and f.dtype == np.float32 for f in sink.frames)
-    assert sink.audio.frames_out == len(sink.frames) == 50 * 480 // FRAME_SAMPLES
-    assert best_correlation(chirp(24_000, 1.0), sink.samples) > 0.9
+    # speech from the first packet still gets a pre-roll, of silence
+    assert sink.audio.frames_out == len(sink.frames) == (LEAD_IN + 50 * 480) // FRAME_SAMPLES
+    assert not sink.samples[:LEAD_IN].any()
+    assert best_correlation(chirp(24_000, 1.0), sink.samples[LEAD_IN:]) > 0.9
     assert sink.audio.packets_decoded == 50
     assert sink.audio.packets_silent == 0
     # each frame is its own buffer: the consumer may keep it
@@ -128,12 +131,32 @@ def test_preroll_delivers_audio_from_before_speech_start(preroll_ms: int) -> Non
         assert best_correlation(reference, sink.samples, max_lag=400) > 0.85
 
 
+def test_silence_dropped_before_the_preroll_is_heard_as_silence() -> None:
+    # the kernel dropped the silence before speech: after 500 missing sequence
+    # numbers the pipeline sees two quiet packets, then speech. The engine still
+    # gets a whole pre-roll: the silence it missed, the two packets, then speech.
+    sink = Sink(GateConfig(preroll_ms=240))
+    stream = Stream()
+    feed(sink, stream.packets(silence(0.02), QUIET))
+    stream.seq += 500
+    stream.ts += 500 * 960
+    feed(sink, stream.packets(silence(0.04), QUIET))
+    source = chirp(48_000, 0.48)
+    feed(sink, stream.packets(source, LOUD))
+    assert sink.audio.stream_restarts == 0
+    assert sink.audio.packets_decoded == 2 + 24
+    samples = sink.samples
+    assert len(samples) == (12 + 24) * 480 // FRAME_SAMPLES * FRAME_SAMPLES
+    assert not samples[: 10 * 480].any()  # the missing ten packets: zeros
+    assert best_correlation(chirp(24_000, 0.48), samples[12 * 480 :], max_lag=400) > 0.85
+
+
 def test_speech_end_after_configured_silence_once_with_padded_tail() -> None:
     sink = Sink(GateConfig(speech_end_ms=600))
     stream = Stream()
     feed(sink, stream.packets(chirp(48_000, 0.5), LOUD))  # 25 packets = 12000 samples
     frames_before = sink.audio.frames_out
-    assert frames_before == 6  # 11520 samples, 480 waiting in the partial frame
+    assert frames_before == 9  # 5760 of lead-in and 11520 samples, 480 waiting in the partial frame
     feed(sink, stream.packets(silence(0.58), QUIET))  # 29 packets: not yet 600 ms
     assert "end" not in sink.events
     feed(sink, stream.packets(silence(0.02), QUIET))
@@ -194,8 +217,8 @@ def test_small_gap_is_concealed_and_keeps_timing() -> None:
     assert sink.audio.packets_lost == 3
     assert sink.audio.packets_concealed == 3
     # 47 decoded + 3 concealed: the timeline has no hole
-    assert sink.audio.frames_out == 50 * 480 // FRAME_SAMPLES
-    assert best_correlation(chirp(24_000, 1.0), sink.samples) > 0.6
+    assert sink.audio.frames_out == (LEAD_IN + 50 * 480) // FRAME_SAMPLES
+    assert best_correlation(chirp(24_000, 1.0), sink.samples[LEAD_IN:]) > 0.6
 
 
 def test_late_and_duplicate_packets_are_dropped() -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from live_transcription.audio.opus import OpusDecoder, OpusError
+from live_transcription.audio.opus import DECODE_RATE, OpusDecoder, OpusError
 from live_transcription.audio.ring import DropOldestRing
 from live_transcription.media.packet import OpusRtp
 from live_transcription.stt.base import FRAME_SAMPLES
@@ -42,6 +42,7 @@ RTP_CLOCK = 48_000
 _SEQ_MOD = 1 << 16
 _TS_MOD = 1 << 32
 _NOMINAL_PACKET_MS = 20
+_PACKET_SAMPLES = DECODE_RATE * _NOMINAL_PACKET_MS // 1000
 
 Samples = npt.NDArray[np.float32]
 
@@ -63,6 +64,9 @@ class GateConfig:
     late_window_packets: int = 64
     """Packets up to this far behind are late (dropped); further back means
     the sender restarted its sequence numbers."""
+    kernel_drop_margin_db: int | None = 15
+    """While the speaker is silent, the kernel drops packets this much quieter
+    than ``silence_level_dbov`` (``media/kernel_filter.py``); ``None``: off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.silence_level_dbov <= 127:
@@ -71,6 +75,8 @@ class GateConfig:
             raise ValueError("speech_end_ms must be positive")
         if self.preroll_ms < 0 or self.max_conceal_packets < 0 or self.late_window_packets < 1:
             raise ValueError("preroll_ms, max_conceal_packets and late_window_packets out of range")
+        if self.kernel_drop_margin_db is not None and self.kernel_drop_margin_db < 0:
+            raise ValueError("kernel_drop_margin_db must be >= 0")
 
 
 class SpeakerAudio:
@@ -129,6 +135,13 @@ class SpeakerAudio:
     @property
     def silence_level_dbov(self) -> int:
         return self._config.silence_level_dbov
+
+    @property
+    def kernel_drop_level(self) -> int | None:
+        """Packets quieter than this level may be dropped by the kernel while
+        silent (``None``: they all reach the process)."""
+        margin = self._config.kernel_drop_margin_db
+        return None if margin is None else min(127, self._config.silence_level_dbov + margin)
 
     @property
     def preroll_packets(self) -> int:
@@ -239,6 +252,12 @@ class SpeakerAudio:
                 return
             self._start_speech()
             self._reset_decoder()
+            if self._use_preroll:
+                # silence the kernel (or the skipper) dropped, or that was never sent:
+                # the engine always hears a whole pre-roll before the first word
+                missing = self._preroll_packets.capacity - len(self._preroll_packets)
+                if missing > 0:
+                    self._append(np.zeros(missing * _PACKET_SAMPLES, dtype=np.float32))
             for held in self._preroll_packets.drain():
                 self._append_decoded(held.payload)
             self._append_decoded(packet.payload)

@@ -50,6 +50,7 @@ from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpRecei
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import HeaderExtensions, RtpPacket
 
+from live_transcription.media.kernel_filter import SocketFilters
 from live_transcription.media.packet import OpusRtp
 from live_transcription.media.silence_skip import SilenceSkipper
 
@@ -268,16 +269,22 @@ def install(
 def bypass_stun_parsing(receiver: RTCRtpReceiver, skipper: SilenceSkipper) -> int:
     """After gathering: route RTP/RTCP datagrams of every local candidate's
     protocol straight to ``skipper`` (what aioice does for them too, minus
-    the failed STUN parse). Returns how many protocols were routed."""
+    the failed STUN parse), and give the skipper their sockets for the
+    kernel filter. Returns how many protocols were routed."""
     connection = _ice_connection(receiver)
     protocols = getattr(connection, "_protocols", None)
     if not isinstance(protocols, list):
         raise SeamBroken("aiortc internals used by media/lean_receiver.py are gone: Connection._protocols")
+    sockets = []
     for protocol in protocols:
         if isinstance(protocol, StunProtocol):
             protocol.datagram_received = _rtp_first(  # type: ignore[method-assign,assignment]
                 protocol.datagram_received, skipper.datagram, protocol.local_candidate.component
             )
+            sock = protocol.transport.get_extra_info("socket")
+            if sock is not None:
+                sockets.append(sock)
+    skipper.use_kernel_filters(SocketFilters(sockets))
     return len(protocols)
 
 

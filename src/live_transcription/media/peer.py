@@ -120,6 +120,11 @@ class ReceivePeer:
         return 0 if self._skipper is None else self._skipper.skipped
 
     @property
+    def kernel_filter_attaches(self) -> int:
+        """How often the kernel took over dropping this peer's silence."""
+        return 0 if self._skipper is None else self._skipper.kernel_filter_attaches
+
+    @property
     def receiver(self) -> RTCRtpReceiver:
         return self._receiver
 
