@@ -97,6 +97,8 @@ async def test_real_speech_through_janus_becomes_captions(e2e: E2E) -> None:
         await manager.transcribe(ROOM, "talk-quitter", False)
         await until(lambda: manager.rooms()[0].targets == 1)
         quitter_before = len(quitter.transcripts())
+        # speech sent before a speaker's media connection is up is lost, as in any call
+        await until(lambda: manager.rooms()[0].speakers_connected == 2, deadline=60)
         for track in e2e.tracks.values():
             track.play()
         for track in e2e.tracks.values():

@@ -245,6 +245,7 @@ async def test_health_reflects_state_and_metrics_are_prometheus(api: Api) -> Non
     assert data["status"] == "ok"
     assert data["ready"] is True
     assert data["rooms"] == 0
+    assert data["speakers_connected"] == 0
     assert data["rss_bytes"] > 0
     body = {"roomToken": "abc", "ncSessionId": "s", "enable": True}
     await api.client.post("/api/v1/call/transcribe", headers=auth(), json=body)

@@ -214,6 +214,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             "engine": inputs.engine_name,
             "rooms": len(inputs.rooms),
             "speakers": inputs.speakers_active,
+            "speakers_connected": sum(room.speakers_connected for room in inputs.rooms),
             "speakers_cap": inputs.speakers_cap,
             "speakers_refused": inputs.speakers_refused,
             "targets": sum(room.targets for room in inputs.rooms),

@@ -59,6 +59,8 @@ class RoomSummary:
     link_state: str
     speakers_reconnecting: int = 0
     """Speakers whose STT stream is retrying its connection."""
+    speakers_connected: int = 0
+    """Speakers whose media connection (ICE, DTLS) is up: audio flows."""
 
 
 class Manager:
@@ -178,6 +180,7 @@ class Manager:
                 waiting_speakers=len(room.waiting_speakers),
                 link_state=room.link_state,
                 speakers_reconnecting=room.reconnecting_speakers,
+                speakers_connected=room.connected_speakers,
             )
             for room in self._rooms.values()
         ]

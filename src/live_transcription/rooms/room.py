@@ -168,6 +168,11 @@ class Room:
         return frozenset(self._speakers)
 
     @property
+    def connected_speakers(self) -> int:
+        """Speakers whose media connection is up (test fakes report none)."""
+        return sum(1 for s in self._speakers.values() if getattr(s, "media_connected", False))
+
+    @property
     def reconnecting_speakers(self) -> int:
         """Speakers whose STT stream is retrying its connection (sessions
         without an STT stream of their own, like test fakes, report none)."""

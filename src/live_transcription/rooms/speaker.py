@@ -113,6 +113,11 @@ class Speaker:
         self.captions = 0
         self.frames_without_stream = 0
 
+    @property
+    def media_connected(self) -> bool:
+        """The peer connection is up (ICE and DTLS): the speaker's audio flows."""
+        return self._peer is not None and self._peer.connected
+
     # --- SpeakerSession ------------------------------------------------------------------
     def add_candidate(self, candidate: ports.CandidateReceived) -> None:
         self._candidates.push(candidate)

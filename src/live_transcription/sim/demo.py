@@ -247,8 +247,9 @@ async def _wait_started(started: asyncio.Event, server: asyncio.Task[None]) -> N
 
 
 async def _until_speakers(api: httpx.AsyncClient, count: int) -> None:
-    """Wait until the service captions every speaker (it subscribed to them)."""
-    while (await api.get("/healthz")).json().get("speakers", 0) < count:  # noqa: ASYNC110
+    """Wait until the service receives every speaker's audio (speech sent
+    before a speaker's media connection is up would be lost)."""
+    while (await api.get("/healthz")).json().get("speakers_connected", 0) < count:  # noqa: ASYNC110
         await asyncio.sleep(0.2)
 
 
