@@ -5,6 +5,13 @@ the packet back as the service does for silence (``--work skip``).
 
     python -m bench.floor --streams 200 --seconds 20 --loop asyncio
     python -m bench.floor --streams 200 --seconds 20 --loop uvloop --work skip
+    python -m bench.floor --streams 200 --loop uvloop --work skip --sender spread --tick-ms 0
+    python -m bench.floor --streams 200 --loop uvloop --work skip --sender spread --tick-ms 10
+
+``--sender burst`` sends every stream's datagram at once each 20 ms (the
+receiver wakes up once for all); ``spread`` spaces the streams evenly over
+the 20 ms, as independent senders do. ``--tick-ms`` is ``LT_UDP_TICK_MS``:
+0 wakes up per datagram, otherwise the sockets are read on that tick.
 
 A child process sends (one paced loop, plain sockets: cheaper than the
 receiver); the parent receives and reads its own CPU time from /proc. The
@@ -46,14 +53,16 @@ def silent_packet(seq: int) -> bytes:
     return bytes(packet.serialize(extensions)) + bytes(10)  # + SRTP auth tag
 
 
-def send(ports: list[int], seconds: float) -> None:
+def send(ports: list[int], seconds: float, spread: bool) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     data = silent_packet(1)
     period = 1 / PACKETS_PER_SECOND
     start = time.monotonic()
     tick = 0
     while time.monotonic() - start < seconds:
-        for port in ports:
+        for index, port in enumerate(ports):
+            if spread:
+                time.sleep(max(0.0, start + (tick + index / len(ports)) * period - time.monotonic()))
             sock.sendto(data, ("127.0.0.1", port))
         tick += 1
         time.sleep(max(0.0, start + tick * period - time.monotonic()))
@@ -81,7 +90,7 @@ def cpu_seconds() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def receive(streams: int, seconds: float, work: str) -> dict[str, float]:
+async def receive(streams: int, seconds: float, work: str, spread: bool) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     receivers: list[Receiver] = []
     transports = []
@@ -100,7 +109,7 @@ async def receive(streams: int, seconds: float, work: str) -> dict[str, float]:
         transports.append(transport)
         receivers.append(receiver)
     ports = [t.get_extra_info("sockname")[1] for t in transports]
-    sender = multiprocessing.get_context("spawn").Process(target=send, args=(ports, seconds + 4))
+    sender = multiprocessing.get_context("spawn").Process(target=send, args=(ports, seconds + 4, spread))
     sender.start()
     await asyncio.sleep(2)  # the sender is up and paced
     before_cpu, before_wall = cpu_seconds(), time.monotonic()
@@ -137,9 +146,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--work", choices=("none", "skip"), default="none")
+    parser.add_argument("--sender", choices=("burst", "spread"), default="burst")
+    parser.add_argument("--tick-ms", type=int, default=0, help="LT_UDP_TICK_MS (0: a wake-up per datagram)")
     args = parser.parse_args()
-    result = event_loop.run(receive(args.streams, args.seconds, args.work), args.loop)
-    print(json.dumps({"loop": args.loop, "work": args.work} | {k: round(v, 3) for k, v in result.items()}))
+    work = receive(args.streams, args.seconds, args.work, args.sender == "spread")
+    result = event_loop.run(work, args.loop, udp_tick_ms=args.tick_ms)
+    head = {"loop": args.loop, "work": args.work, "sender": args.sender, "tick_ms": args.tick_ms}
+    print(json.dumps(head | {k: round(v, 3) for k, v in result.items()}))
 
 
 if __name__ == "__main__":

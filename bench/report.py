@@ -139,11 +139,21 @@ def summary(results: Json) -> str:
                         _verdict(value <= 3.0),
                     ]
                 )
-        top = max((w for w in active if valid(w)), key=lambda w: w["n"])
+        clean = [
+            w
+            for w in active
+            if w["n"] > 0
+            and valid(w)
+            and w["frames_dropped"] == 0
+            and w["latency_ms"].get("p99", math.inf) < 100
+        ]
+        # at the largest N the process still serves in time: a saturated
+        # process batches more work per wake-up and would flatter the figure
+        top = max(clean or [w for w in active if valid(w)], key=lambda w: w["n"])
         per, per_net = cpu_per_speaker(top, idle_a)
         rows.append(
             [
-                f"CPU per active speaker (N={top['n']})",
+                f"CPU per active speaker (N={top['n']}, the largest N within capacity)",
                 f"{_fmt(per, 3)} % ({_fmt(per_net, 3)} % above idle)",
                 "<= 0.5 %",
                 _verdict(per <= 0.5),
@@ -160,14 +170,6 @@ def summary(results: Json) -> str:
                     _verdict(p99 < 50),
                 ]
             )
-        clean = [
-            w
-            for w in active
-            if w["n"] > 0
-            and valid(w)
-            and w["frames_dropped"] == 0
-            and w["latency_ms"].get("p99", math.inf) < 100
-        ]
         rows.append(
             [
                 "capacity measured (no drops, p99 < 100 ms, all streams up)",
