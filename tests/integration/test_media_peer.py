@@ -537,6 +537,7 @@ async def test_silence_is_skipped_before_decryption_and_speech_keeps_its_preroll
             await publisher.close()
         skipped = peer.packets_skipped
         kernel_attaches = peer.kernel_filter_attaches
+        fast, handed_on = peer.packets_fast_path, peer.packets
     preroll = listener.audio.preroll_packets
     levels = [p.audio_level for p in listener.packets[connected_at:]]
     assert all(level is not None for level in levels)
@@ -554,6 +555,8 @@ async def test_silence_is_skipped_before_decryption_and_speech_keeps_its_preroll
     assert skipped >= (100 - preroll) + (75 - preroll), skipped
     assert listener.audio.stream_restarts == 0
     assert listener.audio.decode_errors == 0
+    # once the receiver was up, audio went around aiortc's receive chain
+    assert handed_on == len(listener.packets) and handed_on - fast <= connected_at
     decoded = np.concatenate(listener.frames)
     assert best_correlation(chirp(24_000, 1.5), decoded, max_lag=24 * 240 + 2_400) > 0.8  # after the pre-roll
     # RTP went around aioice's STUN parser; STUN (connectivity checks) went through it.

@@ -3,13 +3,23 @@ for both header-extension forms, and garbage never raises."""
 
 from __future__ import annotations
 
-from aiortc.rtp import RtcpRrPacket, RtpPacket, pack_header_extensions
-from hypothesis import given
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtp import HeaderExtensionsMap, RtcpRrPacket, RtpPacket, pack_header_extensions
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from live_transcription.media.rtp_level import audio_level, rtp_payload_type
+from live_transcription.media.rtp_level import audio_level, payload_bounds, rtp_payload_type
 
 LEVEL_ID = 1
+EXTENSIONS = HeaderExtensionsMap()
+EXTENSIONS.configure(
+    RTCRtpParameters(
+        headerExtensions=[
+            RTCRtpHeaderExtensionParameters(LEVEL_ID, "urn:ietf:params:rtp-hdrext:ssrc-audio-level"),
+            RTCRtpHeaderExtensionParameters(2, "urn:ietf:params:rtp-hdrext:sdes:mid"),
+        ]
+    )
+)
 
 other_extensions = st.lists(
     st.tuples(
@@ -109,3 +119,34 @@ def test_a_truncated_extension_block_gives_none_or_a_level(tail: bytes, cut: int
     data = datagram([(LEVEL_ID, b"\x10"), (2, b"0123456789")]) + tail
     level = audio_level(data[: 12 + cut], LEVEL_ID)
     assert level is None or level == 0x10
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    csrcs=st.integers(0, 15),
+    level=st.none() | st.integers(0, 127),
+    mid=st.none() | st.text("abc0123456789", min_size=1, max_size=16),
+    payload=st.binary(max_size=200),
+    padding=st.integers(0, 40),
+)
+def test_payload_bounds_agree_with_aiortc(
+    csrcs: int, level: int | None, mid: str | None, payload: bytes, padding: int
+) -> None:
+    packet = RtpPacket(payload_type=111, sequence_number=1, timestamp=2, ssrc=3)
+    packet.csrc = list(range(csrcs))
+    if level is not None:
+        packet.extensions.audio_level = (False, level)
+    packet.extensions.mid = mid
+    packet.payload = payload
+    packet.padding_size = padding
+    data = bytes(packet.serialize(EXTENSIONS))
+    bounds = payload_bounds(data)
+    assert bounds is not None
+    assert data[bounds[0] : bounds[1]] == RtpPacket.parse(data, EXTENSIONS).payload == payload
+
+
+@given(data=st.binary(max_size=64))
+def test_payload_bounds_never_raise_and_stay_inside(data: bytes) -> None:
+    bounds = payload_bounds(data)
+    if bounds is not None:
+        assert 0 <= bounds[0] <= bounds[1] <= len(data)

@@ -115,6 +115,11 @@ class ReceivePeer:
         return self._tap.packets
 
     @property
+    def packets_fast_path(self) -> int:
+        """Packets of ``packets`` decrypted and handed on by the audio fast path."""
+        return self._tap.fast_packets
+
+    @property
     def packets_skipped(self) -> int:
         """Silent packets dropped before decryption (never handed to ``on_rtp``)."""
         return 0 if self._skipper is None else self._skipper.skipped

@@ -6,6 +6,9 @@ negotiated by aiortc). So whether a packet is silence can be read before
 decryption, which is what lets a silent participant's packets be skipped
 without paying for SRTP, RTP parsing and statistics (``silence_skip``).
 
+``payload_bounds`` finds the payload of the decrypted packet, for the
+audio fast path (``lean_receiver``) that goes around aiortc's RTP parsing.
+
 Pure functions on bytes; they never raise on malformed input (a datagram
 that is not what they expect gives ``None`` and takes the normal path).
 """
@@ -84,3 +87,27 @@ def audio_level(datagram: bytes, extension_id: int) -> int | None:
             position += 2 + length
         return None
     return None
+
+
+def payload_bounds(packet: bytes) -> tuple[int, int] | None:
+    """Where the payload of a (decrypted) RTP packet starts and ends: after
+    the CSRCs and the header extension, before the padding. ``None`` when the
+    header does not fit the packet."""
+    size = len(packet)
+    if size < _FIXED_HEADER or packet[0] >> 6 != _RTP_VERSION:
+        return None
+    first = packet[0]
+    start = _FIXED_HEADER + 4 * (first & 0x0F)
+    if first & 0x10:
+        if start + 4 > size:
+            return None
+        start += 4 + 4 * ((packet[start + 2] << 8) | packet[start + 3])
+    end = size
+    if first & 0x20:
+        padding = packet[-1]
+        if padding == 0:
+            return None
+        end -= padding
+    if start > end:
+        return None
+    return start, end

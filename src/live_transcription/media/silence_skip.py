@@ -76,6 +76,7 @@ class SilenceSkipper:
 
     __slots__ = (
         "_deliver",
+        "_deliver_audio",
         "_extension_id",
         "_filters",
         "_gate",
@@ -106,6 +107,7 @@ class SilenceSkipper:
         self._threshold = gate.silence_level_dbov
         self._held: deque[tuple[bytes, int, int]] = deque(maxlen=gate.preroll_packets)
         self._deliver: Deliver = _nowhere
+        self._deliver_audio: Deliver = _nowhere
         self._extension_id: int | None = None
         self._payload_types: frozenset[int] = frozenset()
         self._resync_every = resync_every
@@ -120,9 +122,11 @@ class SilenceSkipper:
         ones not counted until dropped)."""
         self.resyncs = 0
 
-    def attach(self, deliver: Deliver) -> None:
-        """Where datagrams go on to (the ICE connection's own handler)."""
+    def attach(self, deliver: Deliver, audio: Deliver | None = None) -> None:
+        """Where datagrams go on to (the ICE connection's own handler), and
+        the audio RTP let through (by default the same)."""
         self._deliver = deliver
+        self._deliver_audio = audio or deliver
 
     def use_kernel_filters(self, filters: SocketFilters) -> None:
         """The peer's sockets, for the kernel filter (owned from now on)."""
@@ -151,6 +155,7 @@ class SilenceSkipper:
         """Drop the held packets, the kernel filter and the reference to the
         connection."""
         self._deliver = _nowhere
+        self._deliver_audio = _nowhere
         self._extension_id = None
         self._held.clear()
         self._program = None
@@ -221,7 +226,7 @@ class SilenceSkipper:
         self._last_passed_seq = seq
         self._forget_stale(seq)
         held = self._held
-        deliver = self._deliver
+        deliver = self._deliver_audio
         while held:
             packet, held_component, _ = held.popleft()
             deliver(packet, held_component)
