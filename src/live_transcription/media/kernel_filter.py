@@ -85,7 +85,10 @@ def _assemble(program: list[_Instruction]) -> list[tuple[int, int, int, int]]:
     for item in program:
         if isinstance(item, str):
             continue
-        if isinstance(item, _Jump):
+        if isinstance(item, _Jump) and item.code == _JMP | _JA:
+            assert item.true is not None  # an unconditional jump's offset is its k
+            out.append((item.code, 0, 0, labels[item.true] - (len(out) + 1)))
+        elif isinstance(item, _Jump):
             here = len(out) + 1
             jt = 0 if item.true is None else labels[item.true] - here
             jf = 0 if item.false is None else labels[item.false] - here
@@ -167,29 +170,7 @@ def silence_filter(
     p += [(_LD | _B | _IND, first), (_ALU | _AND | _K, 0x7F)]
     p.append(_Jump(_JMP | _JGT | _K, drop_quieter_than, "drop", "accept"))
     p += ["accept", (_RET | _K, _ACCEPT), "drop", (_RET | _K, _DROP)]
-    return b"".join(struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in _assemble(_fix_jumps(p)))
-
-
-def _fix_jumps(program: list[_Instruction]) -> list[_Instruction]:
-    # an unconditional jump uses k as its offset: rewrite labels into k
-    labels: dict[str, int] = {}
-    index = 0
-    for item in program:
-        if isinstance(item, str):
-            labels[item] = index
-        else:
-            index += 1
-    out: list[_Instruction] = []
-    index = 0
-    for item in program:
-        if isinstance(item, _Jump) and item.code == _JMP | _JA:
-            assert item.true is not None
-            out.append((_JMP | _JA, labels[item.true] - (index + 1)))
-        else:
-            out.append(item)
-        if not isinstance(item, str):
-            index += 1
-    return out
+    return b"".join(struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in _assemble(p))
 
 
 class HasFileno(Protocol):
