@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -130,3 +133,24 @@ def test_garbage_never_raises_anything_but_opus_error(payload: bytes) -> None:
         return
     assert pcm.size <= opus.MAX_PACKET_SAMPLES
     assert np.all(np.isfinite(pcm))
+
+
+def test_codecs_leave_nothing_for_the_cyclic_collector() -> None:
+    # a reference cycle (numpy's ctypes.data_as makes one per call) would
+    # wait for the collector's oldest generation, once per speaker and packet
+    def use_and_drop() -> list[weakref.ref[object]]:
+        decoder = OpusDecoder()
+        encoder = OpusEncoder(48_000, 1)
+        for _ in range(5):
+            decoder.decode(encoder.encode(np.zeros(960, dtype=np.float32)))
+        return [weakref.ref(decoder), weakref.ref(encoder)]
+
+    use_and_drop()  # loads the library
+    gc.collect()
+    gc.disable()
+    try:
+        refs = use_and_drop()
+        assert [ref() for ref in refs] == [None, None]
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

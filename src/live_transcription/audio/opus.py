@@ -35,7 +35,6 @@ _OPUS_SET_INBAND_FEC = 4012
 _OPUS_SET_PACKET_LOSS_PERC = 4014
 _OPUS_RESET_STATE = 4028
 
-_c_float_p = ctypes.POINTER(ctypes.c_float)
 _c_ubyte_p = ctypes.POINTER(ctypes.c_ubyte)
 
 
@@ -78,12 +77,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
     lib.opus_decoder_destroy.restype = None
     # packets go in as c_char_p: bytes pass straight through, no copy, and
-    # libopus only reads them
+    # libopus only reads them. Output buffers go in as plain addresses
+    # (c_void_p): numpy's ``ctypes.data_as`` builds a pointer object that
+    # sits in a reference cycle with its array, which only the cyclic
+    # collector frees.
     lib.opus_decode_float.argtypes = [
         ctypes.c_void_p,
         ctypes.c_char_p,
         ctypes.c_int32,
-        _c_float_p,
+        ctypes.c_void_p,
         ctypes.c_int,
         ctypes.c_int,
     ]
@@ -104,7 +106,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.opus_encoder_destroy.restype = None
     lib.opus_encode_float.argtypes = [
         ctypes.c_void_p,
-        _c_float_p,
+        ctypes.c_void_p,
         ctypes.c_int,
         _c_ubyte_p,
         ctypes.c_int32,
@@ -148,7 +150,15 @@ class OpusDecoder:
     output buffer: valid until the next call, copy it to keep it.
     """
 
-    __slots__ = ("__weakref__", "_finalizer", "_out", "_out_p", "_state", "last_samples")
+    __slots__ = (
+        "__weakref__",
+        "_decode_float",
+        "_finalizer",
+        "_out",
+        "_out_address",
+        "_state",
+        "last_samples",
+    )
 
     def __init__(self) -> None:
         lib = libopus()
@@ -159,7 +169,8 @@ class OpusDecoder:
         self._state: int = state
         self._finalizer = weakref.finalize(self, lib.opus_decoder_destroy, state)
         self._out: npt.NDArray[np.float32] = np.zeros(MAX_PACKET_SAMPLES, dtype=np.float32)
-        self._out_p = self._out.ctypes.data_as(_c_float_p)
+        self._out_address: int = self._out.ctypes.data
+        self._decode_float = lib.opus_decode_float
         self.last_samples = DECODE_RATE * 20 // 1000
         """Samples of the last decoded packet: the size used to conceal a loss."""
 
@@ -167,9 +178,9 @@ class OpusDecoder:
         if not self._finalizer.alive:
             raise OpusError(-7, "decoder closed")  # OPUS_INVALID_STATE
         if data is None:
-            count = libopus().opus_decode_float(self._state, None, 0, self._out_p, frame_size, 0)
+            count = self._decode_float(self._state, None, 0, self._out_address, frame_size, 0)
         else:
-            count = libopus().opus_decode_float(self._state, data, len(data), self._out_p, frame_size, fec)
+            count = self._decode_float(self._state, data, len(data), self._out_address, frame_size, fec)
         if count < 0:
             raise OpusError(count, "opus_decode_float")
         return self._out[:count]
@@ -228,6 +239,11 @@ def packet_samples(packet: bytes, rate: int = DECODE_RATE) -> int:
     return count
 
 
+_PacketBuffer = ctypes.c_ubyte * 1500
+"""One type for every encoder's output buffer (a new ctypes type each time
+would be a reference cycle per encoder)."""
+
+
 class OpusEncoder:
     """A libopus encoder (tests and the load generator pre-encode with it)."""
 
@@ -251,7 +267,7 @@ class OpusEncoder:
         self._finalizer = weakref.finalize(self, lib.opus_encoder_destroy, state)
         self.rate = rate
         self.channels = channels
-        self._buffer = (ctypes.c_ubyte * 1500)()
+        self._buffer = _PacketBuffer()
         if bitrate is not None:
             self._ctl(_OPUS_SET_BITRATE, bitrate)
         if fec:
@@ -271,7 +287,7 @@ class OpusEncoder:
         frame_size = samples.size // self.channels
         count = libopus().opus_encode_float(
             self._state,
-            samples.ctypes.data_as(_c_float_p),
+            samples.ctypes.data,
             frame_size,
             self._buffer,
             len(self._buffer),
