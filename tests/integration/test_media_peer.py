@@ -483,6 +483,70 @@ async def test_open_close_cycles_leave_nothing_alive() -> None:
     assert _open_fds() <= fds_before + 2
 
 
+async def test_closed_peers_are_freed_by_reference_counting_alone() -> None:
+    """Nothing of a closed peer waits for the cyclic garbage collector: under
+    churn, hundreds of dead peers (DTLS, SRTP, sockets) would wait for its
+    oldest generation at a time, a high-water mark the heap keeps."""
+    refs: list[tuple[str, weakref.ref[object]]] = []
+
+    def track(peer: ReceivePeer) -> None:
+        dtls = peer.receiver.transport
+        ice = dtls.transport
+        connection = ice._connection
+        objects: dict[str, object] = {
+            "peer": peer,
+            "pc": peer._pc,
+            "receiver": peer.receiver,
+            "dtls": dtls,
+            "ice": ice,
+            "connection": connection,
+            "tap": peer._tap,
+        }
+        if dtls._ssl is not None:
+            objects["ssl"] = dtls._ssl
+        for index, protocol in enumerate(connection._protocols):
+            objects[f"protocol{index}"] = protocol
+            objects[f"udp{index}"] = protocol.transport
+        refs.extend((f"{peer.label}.{name}", weakref.ref(obj)) for name, obj in objects.items())
+
+    gc.collect()
+    tasks_before = set(asyncio.all_tasks())
+    gc.disable()
+    try:
+        for cycle in range(4):
+            listener = Listener()
+            listener.wanted_packets = 10
+            async with listener.peer(f"c{cycle}", gate=listener.audio) as peer:
+                if cycle % 2:
+                    publisher, offer, _ = await make_offer(WaveTrack(chirp(48_000, 0.1)))
+                    await publisher.close()
+                    lean_receiver.release_closed(publisher)
+                    del publisher
+                    await peer.accept_offer(offer)  # answered, never connected
+                    track(peer)
+                else:
+                    pub = await connect(peer, PacketTrack(iter(opus_payloads(1.0))))
+                    try:
+                        async with asyncio.timeout(DEADLINE):
+                            await listener.enough.wait()
+                        track(peer)
+                    finally:
+                        await pub.close()
+                        lean_receiver.release_closed(pub)
+                    del pub
+            listener.audio.close()
+            del peer, listener
+        leftover = set(asyncio.all_tasks()) - tasks_before - {asyncio.current_task()}
+        if leftover:
+            # aiortc's own close-time tasks finish on their own; wait, do not sleep
+            await asyncio.wait(leftover, timeout=DEADLINE)
+        del leftover
+        assert len(refs) >= 4 * 9
+        assert [name for name, ref in refs if ref() is not None] == []
+    finally:
+        gc.enable()
+
+
 def silence(seconds: float) -> npt.NDArray[np.float32]:
     return np.zeros(int(48_000 * seconds), dtype=np.float32)
 

@@ -23,6 +23,7 @@ answer: they are in the answer SDP and also passed to ``on_candidate``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -283,10 +284,17 @@ class ReceivePeer:
         self._closing = True
         try:
             self._tap.detach()
-            await self._pc.close()
-        except Exception:
-            logger.exception("peer %s: error while closing", self.label)
+            # shielded: aiortc may be closing itself already (a failed
+            # transport) and our cancellation must not cancel its close
+            closing = asyncio.ensure_future(self._pc.close())
+            closing.add_done_callback(self._closed)
+            with contextlib.suppress(Exception):  # logged by _closed
+                await asyncio.shield(closing)
         finally:
-            self._pc.remove_all_listeners()
             self._close_done.set()
             self._wake.set()
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        if not closing.cancelled() and (exc := closing.exception()) is not None:
+            logger.error("peer %s: error while closing", self.label, exc_info=exc)
+        lean_receiver.release_closed(self._pc)

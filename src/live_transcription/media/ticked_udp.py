@@ -32,6 +32,10 @@ RECEIVE_SIZE = 2048  # larger than any RTP, RTCP, STUN or DTLS datagram we take
 MAX_PASSES = 16  # datagrams read from one socket in one tick, at most
 
 
+_CLOSED_PROTOCOL = asyncio.DatagramProtocol()
+"""What a closed transport points at instead of its protocol."""
+
+
 class TickedUdpReader:
     """Reads every registered endpoint's socket each ``interval`` seconds.
 
@@ -165,6 +169,9 @@ class TickedDatagramTransport(asyncio.DatagramTransport):
             self._protocol.connection_lost(None)
         finally:
             self._sock.close()
+            # the protocol holds this transport: let go of it, so neither
+            # waits for the cyclic garbage collector
+            self._protocol = _CLOSED_PROTOCOL
 
     def get_write_buffer_size(self) -> int:
         return 0
