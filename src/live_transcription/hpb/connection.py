@@ -236,6 +236,10 @@ class HpbLink:
                 if self._tasks is not None:
                     await self._tasks.__aexit__(None, None, None)
             finally:
+                # a finished task keeps its exception, whose traceback holds
+                # this link's frames: no cycle left behind
+                self._runner = self._timer = None
+                self._tasks = None
                 ws, self._ws = self._ws, None
                 if ws is not None:
                     await self._say_bye(ws)

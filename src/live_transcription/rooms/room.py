@@ -255,6 +255,10 @@ class Room:
                 )
         finally:
             self.closing = True
+            # what nobody will read any more; speakers' end notices hold the
+            # speakers, which hold this room (a cycle otherwise)
+            while not self._inbox.empty():
+                self._inbox.get_nowait()
             # speakers that ended during shutdown never reached the main loop
             for _ in range(len(self._speakers) + len(self._reserved)):
                 self._admission.release()
