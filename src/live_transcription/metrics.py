@@ -9,6 +9,8 @@ prometheus_client's process collector (``process_resident_memory_bytes``,
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -119,6 +121,37 @@ class StateSnapshot:
 
 _state = _StateCollector()
 REGISTRY.register(_state)
+
+_peer_connections: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+def track_peer_connection(pc: object) -> None:
+    """Count ``pc`` in ``peer_connections`` for as long as it is in memory."""
+    _peer_connections.add(pc)
+
+
+class _LiveObjectsCollector:
+    """What is alive in memory, counted at scrape time: these must come back
+    to zero (or the idle level) when calls end, or something leaks."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_peer_connections",
+            "WebRTC peer connections in memory (open, or closed and not yet freed)",
+            value=len(_peer_connections),
+        )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # scraped outside the service's loop
+            return
+        yield GaugeMetricFamily(
+            f"{PREFIX}_event_loop_tasks",
+            "asyncio tasks not finished on the service's event loop",
+            value=len(asyncio.all_tasks(loop)),
+        )
+
+
+REGISTRY.register(_LiveObjectsCollector())
 
 
 def observe_state(source: Callable[[], StateSnapshot] | None) -> None:

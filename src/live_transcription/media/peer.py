@@ -38,6 +38,7 @@ from aiortc import (
 )
 from aiortc.sdp import candidate_from_sdp
 
+from live_transcription import metrics
 from live_transcription.clock import Clock, MonotonicClock
 from live_transcription.media import lean_receiver
 from live_transcription.media.packet import OpusRtp
@@ -75,6 +76,7 @@ class ReceivePeer:
         self._connect_timeout = connect_timeout
         self._disconnect_timeout = disconnect_timeout
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers)))
+        metrics.track_peer_connection(self._pc)
         transceiver = self._pc.addTransceiver("audio", direction="recvonly")
         capabilities = RTCRtpReceiver.getCapabilities("audio")
         assert capabilities is not None
