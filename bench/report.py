@@ -200,14 +200,25 @@ def summary(results: Json) -> str:
         cycles = churn.get("speaker_cycles", {})
         how = f"{churn.get('concurrency', 10)} at once, {cycles.get('connected')} of 1,000 connected"
         rows.append([f"churn ({how}): RSS growth", f"{_fmt(growth, 2)} MB", "< 5 MB", _verdict(growth < 5)])
-        rows.append(
-            [
-                f"churn ({how}): rooms / speakers left",
-                f"{left[0]} / {left[1]}",
-                "0 / 0",
-                _verdict(left == (0, 0)),
-            ]
-        )
+        peers = churn.get("objects_end", {}).get("peer_connections")
+        if peers is None:
+            rows.append(
+                [
+                    f"churn ({how}): rooms / speakers left",
+                    f"{left[0]} / {left[1]}",
+                    "0 / 0",
+                    _verdict(left == (0, 0)),
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    f"churn ({how}): rooms / speakers / peer connections left",
+                    f"{left[0]} / {left[1]} / {peers}",
+                    "0 / 0 / 0",
+                    _verdict(left == (0, 0) and peers == 0),
+                ]
+            )
     return table(["figure", "measured", "target", "verdict"], rows)
 
 
@@ -218,7 +229,7 @@ def _verdict(ok: bool) -> str:
 def churn_section(churn: Json) -> str:
     if "error" in churn:
         return f"Failed: `{churn['error']}`"
-    rows = [
+    rows: list[list[object]] = [
         [
             f"speaker join/leave cycles, {churn.get('concurrency', 10)} at once"
             " (connected within 20 s / not)",
@@ -252,12 +263,29 @@ def churn_section(churn: Json) -> str:
             "rooms {rooms}, speakers {speakers}, targets {targets}".format(**churn["health_end"]),
         ],
         ["generator peer connections left", str(churn["generator_subscriptions_left"])],
+        *_objects_rows(churn),
         [
             "offers the service requested (whole run) / answers to replaced offers",
             f"{churn.get('generator_offers')} / {churn.get('generator_stale_answers')}",
         ],
     ]
     return table(["what", "value"], rows)
+
+
+def _objects_rows(churn: Json) -> list[list[object]]:
+    before, end = churn.get("objects_before"), churn.get("objects_end")
+    if not isinstance(before, dict) or not isinstance(end, dict):
+        return []
+    return [
+        [
+            "peer connections in memory (metrics): home room open before / every room closed at the end",
+            f"{before['peer_connections']} / {end['peer_connections']}",
+        ],
+        [
+            "event-loop tasks (metrics): home room open before / every room closed at the end",
+            f"{before['tasks']} / {end['tasks']}",
+        ],
+    ]
 
 
 def soak_section(soak: Json) -> str:
@@ -288,8 +316,19 @@ def soak_section(soak: Json) -> str:
         ],
     )
     samples = table(
-        ["minute", "RSS MB", "CPU %", "rooms", "speakers"],
-        [[s["minutes"], s["rss_mb"], s["cpu_percent"], s["rooms"], s["speakers"]] for s in soak["samples"]],
+        ["minute", "RSS MB", "CPU %", "rooms", "speakers", "peer connections", "event-loop tasks"],
+        [
+            [
+                s["minutes"],
+                s["rss_mb"],
+                s["cpu_percent"],
+                s["rooms"],
+                s["speakers"],
+                s.get("peer_connections"),
+                s.get("tasks"),
+            ]
+            for s in soak["samples"]
+        ],
     )
     return head + "\n\nSamples:\n\n" + samples
 
@@ -312,6 +351,24 @@ def profile_section(profile: Json) -> str:
     )
 
 
+def _reference_lines(results: Json) -> list[str]:
+    """The machine's speed at the start and the end of the run."""
+    lines = []
+    for key, when in (("reference_start", "start"), ("reference_end", "end")):
+        ref = results.get(key)
+        if not isinstance(ref, dict):
+            continue
+        if "error" in ref:
+            lines.append(f"- machine speed at the {when}: `bench.packet_path` failed: `{ref['error']}`")
+            continue
+        lines.append(
+            f"- machine speed at the {when} (`python -m bench.packet_path`): a voiced packet's receive path"
+            f" {_fmt(ref.get('whole_path_us'))} us of CPU (Opus decode {_fmt(ref.get('opus_decode_us'))},"
+            f" SRTP {_fmt(ref.get('srtp_unprotect_us'))}, Python {_fmt(ref.get('python_path_us'))})"
+        )
+    return lines
+
+
 def markdown(results: Json, images: dict[str, str]) -> str:
     m = results.get("machine", {})
     pattern = results["pattern"]
@@ -329,6 +386,7 @@ def markdown(results: Json, images: dict[str, str]) -> str:
         f"- talk pattern: {pattern['talk_ms']} ms speech, {pattern['pause_ms']} ms pause, looped;"
         f" the instant engine gives {words} words per utterance",
         "- durations (s): " + ", ".join(f"{k} {v}" for k, v in results.get("durations_s", {}).items()),
+        *_reference_lines(results),
         "",
         "## Against the targets",
         "",
@@ -418,10 +476,23 @@ def plots(results: Json, img: Path, base: Path) -> dict[str, str]:
             save(fig, f"latency_{kind}")
     soak = results.get("soak")
     if isinstance(soak, dict) and soak.get("samples"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([s["minutes"] for s in soak["samples"]], [s["rss_mb"] for s in soak["samples"]], "o-")
-        ax.set(xlabel="minutes", ylabel="service RSS (MB)", title=f"soak: {soak['speakers']} active speakers")
-        ax.grid(alpha=0.3)
+        minutes = [s["minutes"] for s in soak["samples"]]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+        top.plot(minutes, [s["rss_mb"] for s in soak["samples"]], "o-")
+        top.set(ylabel="service RSS (MB)", title=f"soak: {soak['speakers']} active speakers")
+        top.grid(alpha=0.3)
+        for key, label in (
+            ("rooms", "rooms"),
+            ("speakers", "speakers"),
+            ("peer_connections", "peer connections in memory"),
+            ("tasks", "event-loop tasks"),
+        ):
+            values = [s.get(key) for s in soak["samples"]]
+            if all(v is not None for v in values):
+                bottom.plot(minutes, values, "o-", label=label)
+        bottom.set(xlabel="minutes", ylabel="live objects")
+        bottom.legend()
+        bottom.grid(alpha=0.3)
         save(fig, "soak")
     return made
 

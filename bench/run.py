@@ -592,6 +592,7 @@ async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
         await asyncio.sleep(5)
         rss_before = service.sample().rss_bytes
         metrics_before = await service.metrics()
+        objects_before = live_objects(metrics_before)
         started = time.monotonic()
         speakers = await speaker_cycles(opts.speaker_cycles)
         speaker_seconds = time.monotonic() - started
@@ -609,6 +610,8 @@ async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
         changed = analysis.diff(metrics_after, metrics_before)
         lg = await loadgen.call("stats", reset=False)
         return {
+            "objects_before": objects_before,
+            "objects_end": live_objects(metrics_after),
             "speaker_cycles": speakers,
             "concurrency": opts.churn_concurrency,
             "speaker_seconds": round(speaker_seconds, 1),
@@ -632,6 +635,33 @@ async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
             "generator_offers": lg["offers"],
             "generator_stale_answers": lg["stale_answers"],
         }
+
+
+def live_objects(scrape: analysis.Scrape) -> Json:
+    """Peer connections in memory and event-loop tasks, from a /metrics scrape."""
+    return {
+        "peer_connections": int(analysis.total(scrape, "live_transcription_peer_connections")),
+        "tasks": int(analysis.total(scrape, "live_transcription_event_loop_tasks")),
+    }
+
+
+def machine_reference() -> Json:
+    """This hour's speed of the machine: ``bench.packet_path`` in a child
+    process (the same packets and code give the same figure on the same
+    machine, so a slower hour shows here as well as in the figures)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.packet_path", "--packets", "10000", "--rounds", "5"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+            cwd=ROOT,
+        )
+        reference: Json = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return {"error": repr(exc)}
+    return reference
 
 
 async def scenario_soak(opts: Options, word_map: WordMap | None) -> Json:
@@ -661,6 +691,7 @@ async def scenario_soak(opts: Options, word_map: WordMap | None) -> Json:
                     "rooms": health.get("rooms"),
                     "speakers": health.get("speakers"),
                 }
+                | live_objects(await service.metrics())
             )
             previous = now
             if not service.alive():
@@ -756,6 +787,7 @@ async def run(opts: Options, command: str) -> Json:
         "word_map": asdict(word_map) if word_map else None,
     }
     results_path = opts.work / "results.json"
+    results["reference_start"] = await asyncio.to_thread(machine_reference)
     for scenario in opts.scenarios:
         started = time.monotonic()
         log.info("scenario %s", scenario)
@@ -773,6 +805,8 @@ async def run(opts: Options, command: str) -> Json:
             results[scenario] = {"error": repr(exc)}
         results.setdefault("durations_s", {})[scenario] = round(time.monotonic() - started)
         results_path.write_text(json.dumps(results, indent=1, default=str))
+    results["reference_end"] = await asyncio.to_thread(machine_reference)
+    results_path.write_text(json.dumps(results, indent=1, default=str))
     return results
 
 

@@ -57,7 +57,29 @@ RESULTS: dict[str, Any] = {
         "live_speakers_metric": 0,
         "live_rooms_metric": 0,
         "generator_subscriptions_left": 0,
+        "objects_before": {"peer_connections": 0, "tasks": 20},
+        "objects_end": {"peer_connections": 0, "tasks": 12},
     },
+    "soak": {
+        "speakers": 50,
+        "minutes": 2.0,
+        "cpu_percent": 20.0,
+        "generator_cpu_percent": 15.0,
+        "rss_start_mb": 120.0,
+        "rss_end_mb": 120.5,
+        "rss_slope_mb_per_hour": 0.1,
+        "latency_ms": {"p50": 5.0, "p95": 9.0, "p99": 12.0},
+        "frames_dropped": 0,
+        "samples": [
+            {"minutes": 1.0, "rss_mb": 120.1, "cpu_percent": 20.0, "rooms": 5, "speakers": 50}
+            | {"peer_connections": 50, "tasks": 260},
+            {"minutes": 2.0, "rss_mb": 120.5, "cpu_percent": 20.0, "rooms": 5, "speakers": 50}
+            | {"peer_connections": 50, "tasks": 260},
+        ],
+    },
+    "reference_start": {"whole_path_us": 26.0, "opus_decode_us": 19.0, "srtp_unprotect_us": 1.0}
+    | {"python_path_us": 6.0},
+    "reference_end": {"error": "RuntimeError('x')"},
 }
 
 
@@ -80,7 +102,11 @@ def test_markdown_states_each_figure_against_its_target() -> None:
     assert "CPU per silent participant (N=100) | 0.100 %" in text
     assert "(packet sent -> transcript at HPB) | 20.0 ms | < 50 ms | met |" in text
     assert "N = 100" in text  # capacity: N=200 dropped frames
-    assert "connected): rooms / speakers left | 0 / 0 | 0 / 0 | met |" in text
+    assert "connected): rooms / speakers / peer connections left | 0 / 0 / 0 | 0 / 0 / 0 | met |" in text
+    assert "every room closed at the end | 0 / 0 |" in text  # peer connections in memory
+    assert "| 2.0 | 120.5 | 20.0 | 5 | 50 | 50 | 260 |" in text  # a soak sample with live objects
+    assert "receive path 26.0 us of CPU (Opus decode 19.0, SRTP 1.0, Python 6.0)" in text
+    assert "machine speed at the end: `bench.packet_path` failed" in text
     assert "![rss_active](img/rss_active.png)" in text
     assert "2/1 words per utterance" in text
 
