@@ -813,7 +813,7 @@ async def run(opts: Options, command: str) -> Json:
 def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="all", help="active, silent, churn, soak or all (comma list)")
-    parser.add_argument("--speakers", default="1,10,50,100,200", help="active speaker counts")
+    parser.add_argument("--speakers", default="1,10,50,100,150,200", help="active speaker counts")
     parser.add_argument("--silent", default="10,50,100,200", help="silent participant counts")
     parser.add_argument("--per-room", type=int, default=10)
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before each window")
