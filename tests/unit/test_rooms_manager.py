@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -366,3 +369,29 @@ async def test_refused_offer_frees_the_slot_without_asking_in_a_loop(env: Env) -
     await link.emit(ports.SpeakerLeft("s2"))
     await link.emit(ports.SpeakerJoined("s1"))
     await until(lambda: link.offers_requested[3:] == ["s1"])
+
+
+async def test_a_closed_room_is_freed_by_reference_counting_alone(env: Env) -> None:
+    # a room closed with speakers in it: their end notices arrive after the
+    # room stopped reading them, and must not keep it in a reference cycle
+    gc.collect()
+    gc.disable()
+    try:
+        await env.manager.transcribe(TOKEN, "talk-a", True)
+        link = env.links.links[TOKEN]
+        room = env.manager.room(TOKEN)
+        assert room is not None
+        room_ref = weakref.ref(room)
+        del room
+        for speaker in ("hpb-s", "hpb-t"):
+            await link.emit(ports.SpeakerJoined(speaker))
+            await link.emit(ports.OfferReceived(speaker, f"sid-{speaker}", "v=0"))
+        await until(lambda: len(env.speakers.speakers) == 2)
+        assert await env.manager.leave(TOKEN)
+        await wait_event(link.closed)
+        await asyncio.gather(*(wait_event(speaker.finished) for speaker in env.speakers.speakers))
+        await until(lambda: env.manager.room(TOKEN) is None)
+        env.speakers.speakers.clear()  # the test's own references to the speakers
+        await until(lambda: room_ref() is None, what="the room waits for the cyclic collector")
+    finally:
+        gc.enable()
