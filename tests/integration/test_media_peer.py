@@ -483,6 +483,26 @@ async def test_open_close_cycles_leave_nothing_alive() -> None:
     assert _open_fds() <= fds_before + 2
 
 
+async def test_a_close_cut_short_by_cancellation_still_completes_and_is_waited_for() -> None:
+    listener = Listener()
+    async with listener.peer("cut", gate=listener.audio) as peer:
+        pub = await connect(peer, PacketTrack(iter(opus_payloads(1.0))))
+        try:
+            await until(lambda: peer.connected)
+            first = asyncio.ensure_future(peer.aclose())
+            while peer._pc.signalingState != "closed":  # aiortc's close has begun
+                await asyncio.sleep(0)
+            assert peer._pc.connectionState != "closed"  # and is not over
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await peer.aclose()  # waits for the close that the cancellation did not stop
+            assert peer._pc.connectionState == "closed"
+            assert peer._pc.iceConnectionState == "closed"
+        finally:
+            await pub.close()
+    listener.audio.close()
+
+
 async def test_closed_peers_are_freed_by_reference_counting_alone() -> None:
     """Nothing of a closed peer waits for the cyclic garbage collector: under
     churn, hundreds of dead peers (DTLS, SRTP, sockets) would wait for its

@@ -284,19 +284,27 @@ class ReceivePeer:
             await self._close_done.wait()
             return
         self._closing = True
+        closing: asyncio.Future[None] | None = None
         try:
             self._tap.detach()
             # shielded: aiortc may be closing itself already (a failed
-            # transport) and our cancellation must not cancel its close
+            # transport), and a watchdog cancelled meanwhile must not cancel
+            # that close. Whoever waits for the close (aclose, the owner's
+            # exit) waits for _close_done, which the close itself sets.
             closing = asyncio.ensure_future(self._pc.close())
             closing.add_done_callback(self._closed)
             with contextlib.suppress(Exception):  # logged by _closed
                 await asyncio.shield(closing)
         finally:
-            self._close_done.set()
+            if closing is None:
+                self._close_done.set()
             self._wake.set()
 
     def _closed(self, closing: asyncio.Future[None]) -> None:
-        if not closing.cancelled() and (exc := closing.exception()) is not None:
-            logger.error("peer %s: error while closing", self.label, exc_info=exc)
-        lean_receiver.release_closed(self._pc)
+        try:
+            if not closing.cancelled() and (exc := closing.exception()) is not None:
+                logger.error("peer %s: error while closing", self.label, exc_info=exc)
+            lean_receiver.release_closed(self._pc)
+        finally:
+            self._close_done.set()
+            self._wake.set()
