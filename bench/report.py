@@ -198,7 +198,8 @@ def summary(results: Json) -> str:
         end = churn.get("health_end", {})
         left = (end.get("rooms"), end.get("speakers"))
         cycles = churn.get("speaker_cycles", {})
-        how = f"{churn.get('concurrency', 10)} at once, {cycles.get('connected')} of 1,000 connected"
+        total = (cycles.get("connected") or 0) + (cycles.get("not_connected") or 0)
+        how = f"{churn.get('concurrency', 10)} at once, {cycles.get('connected')} of {total:,} connected"
         rows.append([f"churn ({how}): RSS growth", f"{_fmt(growth, 2)} MB", "< 5 MB", _verdict(growth < 5)])
         peers = churn.get("objects_end", {}).get("peer_connections")
         if peers is None:
@@ -276,13 +277,15 @@ def _objects_rows(churn: Json) -> list[list[object]]:
     before, end = churn.get("objects_before"), churn.get("objects_end")
     if not isinstance(before, dict) or not isinstance(end, dict):
         return []
+    settle = churn.get("objects_settle_s")
+    when = "every room closed at the end" + (f" (+{settle} s)" if settle else "")
     return [
         [
-            "peer connections in memory (metrics): home room open before / every room closed at the end",
+            f"peer connections in memory (metrics): home room open before / {when}",
             f"{before['peer_connections']} / {end['peer_connections']}",
         ],
         [
-            "event-loop tasks (metrics): home room open before / every room closed at the end",
+            f"event-loop tasks (metrics): home room open before / {when}",
             f"{before['tasks']} / {end['tasks']}",
         ],
     ]

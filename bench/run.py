@@ -606,12 +606,23 @@ async def scenario_churn(opts: Options, word_map: WordMap | None) -> Json:
         await service.leave(home)
         await loadgen.call("end_room", token=home)
         health_end = await service.wait_health("all rooms closed", lambda b: b.get("rooms") == 0)
+        # the last closes (aiortc's, the HPB link's goodbye) finish just after
+        # the rooms are gone: give them a bounded moment, and say how long
+        settled = time.monotonic()
         metrics_after = await service.metrics()
+        while time.monotonic() - settled < 10:
+            objects = live_objects(metrics_after)
+            if objects["peer_connections"] == 0 and objects["tasks"] <= objects_before["tasks"]:
+                break
+            await asyncio.sleep(0.5)
+            metrics_after = await service.metrics()
+        settle_seconds = time.monotonic() - settled
         changed = analysis.diff(metrics_after, metrics_before)
         lg = await loadgen.call("stats", reset=False)
         return {
             "objects_before": objects_before,
             "objects_end": live_objects(metrics_after),
+            "objects_settle_s": round(settle_seconds, 1),
             "speaker_cycles": speakers,
             "concurrency": opts.churn_concurrency,
             "speaker_seconds": round(speaker_seconds, 1),

@@ -102,6 +102,7 @@ def test_markdown_states_each_figure_against_its_target() -> None:
     assert "CPU per silent participant (N=100) | 0.100 %" in text
     assert "(packet sent -> transcript at HPB) | 20.0 ms | < 50 ms | met |" in text
     assert "N = 100" in text  # capacity: N=200 dropped frames
+    assert "churn (10 at once, 1000 of 1,000 connected): rooms / speakers / peer connections left" in text
     assert "connected): rooms / speakers / peer connections left | 0 / 0 / 0 | 0 / 0 / 0 | met |" in text
     assert "every room closed at the end | 0 / 0 |" in text  # peer connections in memory
     assert "| 2.0 | 120.5 | 20.0 | 5 | 50 | 50 | 260 |" in text  # a soak sample with live objects
