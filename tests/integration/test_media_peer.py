@@ -23,6 +23,7 @@ import psutil
 import pytest
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, VideoStreamTrack
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters
 
 from live_transcription.audio.opus import OpusEncoder
 from live_transcription.audio.pipeline import GateConfig, SpeakerAudio
@@ -501,6 +502,38 @@ async def test_a_close_cut_short_by_cancellation_still_completes_and_is_waited_f
             assert peer._pc.iceConnectionState == "closed"
         finally:
             await pub.close()
+    listener.audio.close()
+
+
+async def test_a_connect_that_finishes_after_the_close_starts_no_rtcp_loop() -> None:
+    # aiortc's connect task can reach receiver.receive() after close() has
+    # stopped the receiver (the DTLS handshake finished meanwhile): an RTCP
+    # loop started then was never cancelled, and kept the receiver alive
+    publisher, offer, _ = await make_offer(WaveTrack(chirp(48_000, 0.1)))
+    await publisher.close()
+    listener = Listener()
+    async with listener.peer("late", gate=listener.audio) as peer:
+        await peer.accept_offer(offer)
+    receiver = peer.receiver
+    opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48_000, channels=2, payloadType=111)
+    await receiver.receive(RTCRtpReceiveParameters(codecs=[opus]))  # what the racing connect does
+    assert getattr(receiver, lean_receiver._RTCP_TASK) is None
+    assert not getattr(receiver, lean_receiver._STARTED)
+    listener.audio.close()
+
+
+async def test_release_ends_an_rtcp_loop_that_outlived_the_close() -> None:
+    publisher, offer, _ = await make_offer(WaveTrack(chirp(48_000, 0.1)))
+    await publisher.close()
+    listener = Listener()
+    async with listener.peer("outlived", gate=listener.audio) as peer:
+        await peer.accept_offer(offer)
+    receiver = peer.receiver
+    loop_task = asyncio.ensure_future(receiver._run_rtcp())
+    setattr(receiver, lean_receiver._RTCP_TASK, loop_task)
+    lean_receiver.release_closed(peer._pc)
+    await asyncio.gather(loop_task, return_exceptions=True)
+    assert loop_task.cancelled()
     listener.audio.close()
 
 

@@ -164,6 +164,7 @@ class LeanTap:
         "_receiver",
         "_skipper",
         "_warned",
+        "detached",
         "fast_packets",
         "handler_errors",
         "malformed",
@@ -188,6 +189,7 @@ class LeanTap:
         self._warned = False
         self.started = False
         """The receiver is registered: the fast path may hand packets over."""
+        self.detached = False
         self.packets = 0
         self.unknown_payload = 0
         self.malformed = 0
@@ -196,10 +198,12 @@ class LeanTap:
         self.handler_errors = 0
 
     def detach(self) -> None:
-        """Stop handing packets to ``on_rtp`` and drop the reference to it."""
+        """Stop handing packets to ``on_rtp`` and drop the reference to it;
+        the receiver will not start any more (see ``receive``)."""
         self._on_rtp = _ignore
         self._opus_types = frozenset()
         self.started = False
+        self.detached = True
         if self._skipper is not None:
             self._skipper.detach()
             receiver = self._receiver()
@@ -212,7 +216,10 @@ class LeanTap:
 
     async def receive(self, parameters: RTCRtpReceiveParameters) -> None:
         receiver = self._receiver()
-        if receiver is None or getattr(receiver, _STARTED):
+        if receiver is None or getattr(receiver, _STARTED) or self.detached:
+            # detached: the peer is closing. aiortc's connect task can still
+            # get here after close() stopped the receiver (the DTLS handshake
+            # finished meanwhile); started now, its RTCP loop would run forever
             return
         codecs: dict[int, Any] = getattr(receiver, _CODECS)
         opus_types = set()
@@ -411,6 +418,11 @@ def release_closed(pc: RTCPeerConnection) -> None:
     freed as soon as its owner drops it. Call after ``pc.close()``."""
     pc.remove_all_listeners()
     for transceiver in pc.getTransceivers():
+        # a receiver started by a connect that raced the close: its RTCP loop
+        # (which holds the receiver and its transports) would never end
+        rtcp = getattr(transceiver.receiver, _RTCP_TASK, None)
+        if isinstance(rtcp, asyncio.Future) and not rtcp.done():
+            rtcp.cancel()
         for dtls in (transceiver.receiver.transport, transceiver.sender.transport):
             # the peer connection's state handlers, bound methods of pc
             dtls.remove_all_listeners()
