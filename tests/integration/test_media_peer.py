@@ -505,15 +505,21 @@ async def test_a_close_cut_short_by_cancellation_still_completes_and_is_waited_f
     listener.audio.close()
 
 
+async def answered_then_closed(label: str) -> tuple[ReceivePeer, Listener]:
+    """A peer that answered an offer and was closed before connecting."""
+    publisher, offer, _ = await make_offer(WaveTrack(chirp(48_000, 0.1)))
+    await publisher.close()
+    listener = Listener()
+    async with listener.peer(label, gate=listener.audio) as peer:
+        await peer.accept_offer(offer)
+    return peer, listener
+
+
 async def test_a_connect_that_finishes_after_the_close_starts_no_rtcp_loop() -> None:
     # aiortc's connect task can reach receiver.receive() after close() has
     # stopped the receiver (the DTLS handshake finished meanwhile): an RTCP
     # loop started then was never cancelled, and kept the receiver alive
-    publisher, offer, _ = await make_offer(WaveTrack(chirp(48_000, 0.1)))
-    await publisher.close()
-    listener = Listener()
-    async with listener.peer("late", gate=listener.audio) as peer:
-        await peer.accept_offer(offer)
+    peer, listener = await answered_then_closed("late")
     receiver = peer.receiver
     opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48_000, channels=2, payloadType=111)
     await receiver.receive(RTCRtpReceiveParameters(codecs=[opus]))  # what the racing connect does
@@ -523,11 +529,7 @@ async def test_a_connect_that_finishes_after_the_close_starts_no_rtcp_loop() -> 
 
 
 async def test_release_ends_an_rtcp_loop_that_outlived_the_close() -> None:
-    publisher, offer, _ = await make_offer(WaveTrack(chirp(48_000, 0.1)))
-    await publisher.close()
-    listener = Listener()
-    async with listener.peer("outlived", gate=listener.audio) as peer:
-        await peer.accept_offer(offer)
+    peer, listener = await answered_then_closed("outlived")
     receiver = peer.receiver
     loop_task = asyncio.ensure_future(receiver._run_rtcp())
     setattr(receiver, lean_receiver._RTCP_TASK, loop_task)
