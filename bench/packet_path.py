@@ -39,6 +39,7 @@ from live_transcription.audio.opus import OpusDecoder, OpusEncoder
 from live_transcription.audio.pipeline import SpeakerAudio
 from live_transcription.media.lean_receiver import AUDIO_LEVEL_URI, AudioFastPath, LeanTap
 from live_transcription.media.packet import OpusRtp
+from live_transcription.media.rtp_level import payload_bounds
 from live_transcription.media.silence_skip import SilenceSkipper
 
 LEVEL_ID = 1
@@ -140,7 +141,9 @@ def decode_only(packets: list[bytes]) -> float:
     payloads = []
     for data in packets:
         plain = session.unprotect(data)
-        payloads.append(plain[20:])  # 12 header + 4 extension header + 4 (one element, padded)
+        bounds = payload_bounds(plain)
+        assert bounds is not None
+        payloads.append(plain[bounds[0] : bounds[1]])
     decoder = OpusDecoder()
     decode = decoder.decode
     start = _cpu()

@@ -201,25 +201,12 @@ def summary(results: Json) -> str:
         total = (cycles.get("connected") or 0) + (cycles.get("not_connected") or 0)
         how = f"{churn.get('concurrency', 10)} at once, {cycles.get('connected')} of {total:,} connected"
         rows.append([f"churn ({how}): RSS growth", f"{_fmt(growth, 2)} MB", "< 5 MB", _verdict(growth < 5)])
+        what, measured, target, ok = "rooms / speakers", f"{left[0]} / {left[1]}", "0 / 0", left == (0, 0)
         peers = churn.get("objects_end", {}).get("peer_connections")
-        if peers is None:
-            rows.append(
-                [
-                    f"churn ({how}): rooms / speakers left",
-                    f"{left[0]} / {left[1]}",
-                    "0 / 0",
-                    _verdict(left == (0, 0)),
-                ]
-            )
-        else:
-            rows.append(
-                [
-                    f"churn ({how}): rooms / speakers / peer connections left",
-                    f"{left[0]} / {left[1]} / {peers}",
-                    "0 / 0 / 0",
-                    _verdict(left == (0, 0) and peers == 0),
-                ]
-            )
+        if peers is not None:  # results from before the gauge existed have none
+            what, measured, target = f"{what} / peer connections", f"{measured} / {peers}", f"{target} / 0"
+            ok = ok and peers == 0
+        rows.append([f"churn ({how}): {what} left", measured, target, _verdict(ok)])
     return table(["figure", "measured", "target", "verdict"], rows)
 
 
