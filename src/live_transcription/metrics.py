@@ -27,7 +27,7 @@ captions_sent = Counter(
 captions_dropped = Counter(
     f"{PREFIX}_captions_dropped",
     "Transcript messages dropped before sending (one per target)",
-    ["reason"],  # throttled-superseded | hpb-down-overflow | unsent-at-close | no-target
+    ["reason"],  # throttled-superseded | hpb-down-overflow | unsent-at-close | no-target | session-gone
 )
 words_in = Counter(f"{PREFIX}_words", "Words received from the STT engine", ["engine"])
 audio_frames_dropped = Counter(
@@ -61,6 +61,10 @@ udp_sends_dropped = Counter(
     f"{PREFIX}_udp_sends_dropped",
     "UDP datagrams (media, STUN) not sent because the socket buffer was full",
 )
+delivery_stalls = Counter(
+    f"{PREFIX}_delivery_stalls",
+    "Times a connected room had captions to send but a target pending for over 10 s (once per episode)",
+)
 speakers_started = Counter(f"{PREFIX}_speakers_started", "Speaker sessions started")
 speakers_ended = Counter(f"{PREFIX}_speakers_ended", "Speaker sessions ended", ["reason"])
 rooms_opened = Counter(f"{PREFIX}_rooms_opened", "Rooms joined")
@@ -76,7 +80,7 @@ caption_latency = Histogram(
 # nothing: "no drops" must be told apart from "not instrumented".
 for _reason in ("no-stream", "stt-behind"):
     audio_frames_dropped.labels(_reason)
-for _reason in ("throttled-superseded", "hpb-down-overflow", "unsent-at-close", "no-target"):
+for _reason in ("throttled-superseded", "hpb-down-overflow", "unsent-at-close", "no-target", "session-gone"):
     captions_dropped.labels(_reason)
 for _outcome in ("resumed", "new-session", "failed"):
     hpb_reconnects.labels(_outcome)

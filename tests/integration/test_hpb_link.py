@@ -251,10 +251,13 @@ async def test_captions_reach_targets_with_exact_shape(hpb: HpbEmulator) -> None
 
 async def test_partials_are_throttled_newest_wins_final_immediate(hpb: HpbEmulator) -> None:
     clock = RecordingClock()
+    for speaker in ("spk", "other"):
+        await hpb.add_participant(ROOM, session_id=speaker, in_call=3)
     async with (
         factory(hpb, clock=clock)(ROOM) as link,
         SimClient(hpb.url, ROOM, "nc-carol") as carol,
     ):
+        await Events(link).until(lambda e: isinstance(e, ports.SessionMap) and "nc-carol" in e.added)
         target = [carol.session_id]
 
         def texts() -> list[tuple[str, bool]]:
@@ -290,6 +293,7 @@ async def test_resume_after_short_drop_does_not_rejoin(hpb: HpbEmulator) -> None
     async with factory(hpb)(ROOM) as link, SimClient(hpb.url, ROOM, "nc-carol") as carol:
         events = Events(link)
         await events.until(lambda e: e == ports.SpeakerJoined(speaker))
+        await events.until(lambda e: isinstance(e, ports.SessionMap) and "nc-carol" in e.added)
         own = link.session_id
         assert own is not None
         hpb.drop(own)
@@ -309,9 +313,9 @@ def hpb_resume_id(hpb: HpbEmulator, session_id: str) -> str:
     return hpb._sessions[session_id].resume_id
 
 
-async def test_no_such_session_starts_over_and_requests_offers_again(hpb: HpbEmulator) -> None:
+async def test_no_such_session_starts_over_and_the_same_list_is_news_again(hpb: HpbEmulator) -> None:
     hpb.bridge = FakeBridge()
-    speaker = await hpb.add_participant(ROOM, session_id="speaker-a", in_call=3)
+    speaker = await hpb.add_participant(ROOM, session_id="speaker-a", nextcloud_session_id="nc-a", in_call=3)
     async with factory(hpb)(ROOM) as link:
         events = Events(link)
         await events.until(lambda e: e == ports.SpeakerJoined(speaker))
@@ -321,7 +325,15 @@ async def test_no_such_session_starts_over_and_requests_offers_again(hpb: HpbEmu
         assert old is not None
         hpb.refuse_resume = True
         hpb.drop(old)
-        await events.until(lambda e: e == ports.SessionReset())
+        # what the old session knew is gone: its speakers leave, then the reset
+        assert await events.until(lambda e: isinstance(e, ports.SpeakerLeft)) == ports.SpeakerLeft(speaker)
+        assert await events.next() == ports.SessionReset()
+        # the unchanged participant list after the new join rebuilds everything
+        after_reset: list[ports.CallEvent] = []
+        while ports.SpeakerJoined(speaker) not in after_reset:
+            after_reset.append(await events.next())
+        assert ports.SessionMap(added={"nc-a": speaker}, removed=frozenset()) in after_reset
+        link.request_offer(speaker)  # the room asks again for whom it captions
         offer = await events.until(lambda e: isinstance(e, ports.OfferReceived))
         assert offer == ports.OfferReceived(speaker, "sid-speaker-a", "v=0 offer of speaker-a")
         new = link.session_id

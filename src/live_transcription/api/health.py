@@ -42,6 +42,11 @@ def assess(inputs: HealthInputs) -> Health:
     reconnecting = [room for room in inputs.rooms if room.link_state == "reconnecting"]
     if reconnecting:
         degraded.append(f"{len(reconnecting)} room(s) reconnecting to the HPB")
+    stalled = [room for room in inputs.rooms if room.delivery_stalled]
+    if stalled:
+        degraded.append(
+            f"{len(stalled)} room(s) have captions to send but a target without an HPB session for over 10 s"
+        )
     stt_reconnecting = sum(room.speakers_reconnecting for room in inputs.rooms)
     if stt_reconnecting:
         degraded.append(f"{stt_reconnecting} STT stream(s) reconnecting")

@@ -3,15 +3,23 @@
 Entering connects, says hello (internal auth), sets in-call, joins the room.
 Inside, a reader and a writer run in a task group owned by the link. A lost
 connection is resumed with the ``resumeid`` (no re-join); when the server has
-forgotten the session (``no_such_session``) the link starts a new session,
-re-joins, emits ``SessionReset`` and requests fresh offers for the speakers it
-had subscribed. Attempts back off exponentially with jitter, without limit
-while the link is open. Leaving sends ``bye`` and closes the socket.
+forgotten the session (``no_such_session``) the link starts a new session:
+everything the old session knew is dropped (every speaker leaves, queued
+control messages go, ``SessionReset`` tells the room its Talk -> HPB mapping
+is void), then it re-joins, and the participant list that follows rebuilds
+speakers and mapping from scratch (the room asks fresh offers). Attempts
+back off exponentially with jitter, without limit while the link is open.
+Leaving sends ``bye`` and closes the socket.
 
 Every outgoing message goes through the ``Outbox`` (bounded, control first,
 partials throttled); only the writer sends (the handshake sends before the
 writer starts). Leaving gives the writer up to ``drain_seconds`` to send
 what is still queued (the last finals of a closing room), then says ``bye``.
+
+A caption is only written while both its target and its speaker are in the
+room as the HPB last reported it: nothing is sent to, or names, a session the
+HPB no longer has (a target that left, the sessions before an HPB restart,
+an old speaker's last final racing a new session).
 
 Metrics: captions are counted by kind when the writer has sent them; drops
 (superseded partials, overflow while the HPB is gone, left unsent at close)
@@ -27,7 +35,7 @@ import itertools
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +70,7 @@ _SENT = {kind: metrics.captions_sent.labels(kind) for kind in ("partial", "final
 _DROPPED_SUPERSEDED = metrics.captions_dropped.labels("throttled-superseded")
 _DROPPED_OVERFLOW = metrics.captions_dropped.labels("hpb-down-overflow")
 _DROPPED_UNSENT = metrics.captions_dropped.labels("unsent-at-close")
+_DROPPED_SESSION_GONE = metrics.captions_dropped.labels("session-gone")
 _RECONNECTS = {
     outcome: metrics.hpb_reconnects.labels(outcome) for outcome in ("resumed", "new-session", "failed")
 }
@@ -91,6 +100,8 @@ class HpbLinkFactory:
     transcript_limit: int = 512
     event_limit: int = 1024
     drain_seconds: float = 2.0
+    participants_state: Callable[[], ParticipantsState] = ParticipantsState
+    """Who is in the room, per HPB session of ours (a seam for tests)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> HpbLinkFactory:
@@ -123,7 +134,7 @@ class HpbLink:
         self._cfg = config
         self._clock = config.clock
         self._ids = itertools.count(1)
-        self._state = ParticipantsState()
+        self._state = config.participants_state()
         self._outbox = Outbox(
             self._build_transcript,
             control_limit=config.control_limit,
@@ -150,6 +161,7 @@ class HpbLink:
         self.resumes = 0
         self.session_resets = 0
         self.skipped_media = 0
+        self.captions_to_gone_sessions = 0
 
     # --- CallLink -------------------------------------------------------------------
     @property
@@ -385,6 +397,11 @@ class HpbLink:
             if message is None:
                 await self._wake.wait()
                 continue
+            if self._to_gone_session(message):
+                self._outbox.sent(message)  # dropped: never written
+                self.captions_to_gone_sessions += 1
+                _DROPPED_SESSION_GONE.inc()
+                continue
             try:
                 await ws.send(protocol.encode(message))
             except ConnectionClosed:
@@ -426,9 +443,6 @@ class HpbLink:
                 await self._hello(ws)
                 await self._session_reset()
                 await self._join(ws)
-                for speaker in sorted(self._requested & self._state.speakers):
-                    self._control(protocol.request_offer(self._next_id(), speaker))
-                self._requested &= self._state.speakers
                 _RECONNECTS["new-session"].inc()
                 return ws
             except _TooManyRequests:
@@ -446,14 +460,18 @@ class HpbLink:
             ws.transport.abort()
 
     async def _session_reset(self) -> None:
+        """Forget what belonged to the old session, before the new one joins."""
         self.session_resets += 1
         stale = self._outbox.clear_control()
+        self._offer_requests.clear()
         log.warning(
             "HPB session of room %s was replaced; %d queued control messages dropped",
             self._short,
             stale,
             extra=self._fields,
         )
+        await self._emit_all(self._state.reset(self._session_id))
+        self._requested.clear()
         await self._emit(SessionReset())
 
     # --- incoming -----------------------------------------------------------------------
@@ -510,6 +528,17 @@ class HpbLink:
                     )
             case _:
                 log.debug("HPB event ignored: %s", type(event).__name__, extra=self._fields)
+
+    def _to_gone_session(self, message: Message) -> bool:
+        """A transcript whose target or speaker the HPB no longer reports."""
+        if message.get("type") != "message":
+            return False
+        body = message["message"]
+        data = body["data"]
+        if data.get("type") != "transcript":
+            return False
+        target = body["recipient"]["sessionid"]
+        return not (self._state.has(target) and self._state.has(data["speakerSessionId"]))
 
     def _skip_media(self, what: str, sender: str) -> None:
         self.skipped_media += 1

@@ -4,6 +4,10 @@ Turns ``ParticipantsUpdate`` and room ``leave`` events into the room's
 events: ``SpeakerJoined``/``SpeakerLeft`` (in the call with audio or not),
 ``SessionMap`` deltas (Talk session id -> HPB session id) and ``CallEnded``.
 Applying the same input twice emits nothing the second time.
+
+What it knows belongs to one HPB session of ours: when the HPB replaces that
+session, ``reset`` forgets everything, so the participant list that follows
+the new join is news again and rebuilds speakers and mapping in full.
 """
 
 from __future__ import annotations
@@ -50,6 +54,23 @@ class ParticipantsState:
     @property
     def session_map(self) -> dict[str, str]:
         return dict(self._mapping)
+
+    def has(self, session_id: str) -> bool:
+        """Whether the HPB last reported ``session_id`` in the room."""
+        return session_id in self._entries
+
+    def reset(self, own_session_id: str | None) -> list[CallEvent]:
+        """Our HPB session was replaced: nothing reported to the old one holds.
+        Returns ``SpeakerLeft`` for every speaker (their media was subscribed
+        by the old session); the mapping is dropped without removal events
+        because targets outlive our session (the caller says ``SessionReset``)."""
+        events: list[CallEvent] = [SpeakerLeft(sid) for sid in sorted(self._speakers)]
+        self.own_session_id = own_session_id
+        self._entries = {}
+        self._speakers = set()
+        self._mapping = {}
+        self._call_ended = False
+        return events
 
     def _relevant(self, participant: Participant) -> bool:
         return not (

@@ -61,6 +61,8 @@ class RoomSummary:
     """Speakers whose STT stream is retrying its connection."""
     speakers_connected: int = 0
     """Speakers whose media connection (ICE, DTLS) is up: audio flows."""
+    delivery_stalled: bool = False
+    """Connected, with captions to send, but a target pending for over 10 s."""
 
 
 class Manager:
@@ -181,6 +183,7 @@ class Manager:
                 link_state=room.link_state,
                 speakers_reconnecting=room.reconnecting_speakers,
                 speakers_connected=room.connected_speakers,
+                delivery_stalled=room.delivery_stalled,
             )
             for room in self._rooms.values()
         ]

@@ -25,6 +25,9 @@ from live_transcription.rooms.targets import TargetBook
 log = logging.getLogger(__name__)
 
 INBOX_SIZE = 256
+DELIVERY_STALL_SECONDS = 10.0
+"""A connected room with captions to send and a target still pending for
+longer than this is stalled: Talk asked, but the HPB mapping never came."""
 
 
 # --- what a room asks of a speaker ------------------------------------------------------------
@@ -150,6 +153,8 @@ class Room:
         saying bye until its task ends."""
         self._adds_in_flight = 0  # AddTarget sent but not applied yet: do not linger out
         self.closed_reason: str | None = None
+        self._pending_with_captions_since: float | None = None
+        self._stall_reported = False
         self.stats = RoomStats()
         self.task: asyncio.Task[None] | None = None
         """The task running ``run()``, set by whoever starts it."""
@@ -162,6 +167,17 @@ class Room:
     @property
     def pending_targets(self) -> set[str]:
         return self._targets.pending
+
+    @property
+    def delivery_stalled(self) -> bool:
+        """Connected, captions to send, and a target pending for too long."""
+        since = self._pending_with_captions_since
+        return (
+            since is not None
+            and self.link_state == "connected"
+            and bool(self._targets.pending)
+            and self._clock.now() - since > DELIVERY_STALL_SECONDS
+        )
 
     @property
     def speaker_ids(self) -> frozenset[str]:
@@ -303,6 +319,7 @@ class Room:
             case RemoveTarget(talk_session):
                 self._targets.remove(talk_session)
                 self._restart_linger(tasks)
+                self._delivery_settled()
             case SetLanguage(language):
                 if language != self.language:
                     log.info(
@@ -333,6 +350,7 @@ class Room:
             case ports.SessionMap(added, removed):
                 if self._targets.apply_mapping(added, removed):
                     self._restart_linger(tasks)
+                self._delivery_settled()
             case ports.SpeakerJoined(session_id):
                 self._wanted.add(session_id)
                 self._unavailable.discard(session_id)
@@ -382,6 +400,7 @@ class Room:
                 return "call-ended"
             case ports.LinkState(state):
                 self.link_state = state
+                self._pending_with_captions_since = None  # counted from connected
         return None
 
     # --- speakers ---------------------------------------------------------------------------------
@@ -487,12 +506,41 @@ class Room:
     def _publish(self, speaker: str, text: str, final: bool) -> None:
         link = self._link
         targets = self._targets.resolved()
+        self._watch_delivery()
         if link is None or not targets:
             self.stats.captions_without_target += 1
             metrics.captions_dropped.labels("no-target").inc()
             return
         link.send_transcript(targets, speaker, text, final, self.language)
         self.stats.captions_sent += 1
+
+    def _delivery_settled(self) -> None:
+        """Every target resolved (or gone): a stall, if any, is over."""
+        if self._targets.pending:
+            return
+        if self._stall_reported:
+            log.info("room %s: caption delivery resumed", _short(self.token), extra=fields(self.token))
+        self._pending_with_captions_since = None
+        self._stall_reported = False
+
+    def _watch_delivery(self) -> None:
+        """Called with every caption: notice (once per episode) a target that
+        stays pending while captions are there for it."""
+        if not self._targets.pending or self.link_state != "connected":
+            self._delivery_settled()
+            return
+        if self._pending_with_captions_since is None:
+            self._pending_with_captions_since = self._clock.now()
+        elif self.delivery_stalled and not self._stall_reported:
+            self._stall_reported = True
+            metrics.delivery_stalls.inc()
+            log.warning(
+                "room %s: captions are produced but %d target(s) have had no HPB session for over %.0f s",
+                _short(self.token),
+                len(self._targets.pending),
+                DELIVERY_STALL_SECONDS,
+                extra=fields(self.token),
+            )
 
     # --- lingering --------------------------------------------------------------------------------
     def _restart_linger(self, tasks: asyncio.TaskGroup) -> None:
