@@ -97,9 +97,13 @@ class ScriptedSpeaker:
 @dataclass
 class ScriptedSpeakers:
     started: list[ScriptedSpeaker] = field(default_factory=list)
+    flush_on_close: bool = False
+    """Every speaker has an open line to flush when closed."""
 
     def __call__(self, context: SpeakerContext) -> ScriptedSpeaker:
         speaker = ScriptedSpeaker(context)
+        if self.flush_on_close:
+            speaker.last_words = f"last words of {context.session_id}"
         self.started.append(speaker)
         return speaker
 
@@ -159,11 +163,13 @@ def link_factory(hpb: HpbEmulator, **overrides: Any) -> HpbLinkFactory:
 
 
 @asynccontextmanager
-async def room_on_emulator(**link_overrides: Any) -> AsyncIterator[Env]:
+async def room_on_emulator(
+    emulator: type[HpbEmulator] = HpbEmulator, **link_overrides: Any
+) -> AsyncIterator[Env]:
     bridge = OfferAnything()
     clock = ManualClock()
     speakers = ScriptedSpeakers()
-    async with HpbEmulator(SECRET, BACKEND, bridge=bridge) as hpb:
+    async with emulator(SECRET, BACKEND, bridge=bridge) as hpb:
         hpb.create_room(ROOM)
         manager = Manager(
             link_factory=link_factory(hpb, **link_overrides),

@@ -48,28 +48,27 @@ def _texts(viewer: SimClient, speaker: str) -> list[str]:
 async def test_refused_resume_then_same_participants_rebuild_the_mapping() -> None:
     """The HPB forgot our session; the others keep theirs and the same list is
     sent after our new join: it must map the viewer again."""
-    async with room_on_emulator() as env:
-        async with SimClient(env.hpb.url, ROOM, "talk-viewer") as viewer:
-            await _call_with_viewer(env)
-            first = env.speakers.live()
-            first["alice"].say("before the drop")
-            await viewer.wait_for(lambda: "before the drop" in _texts(viewer, "alice"), DEADLINE)
+    async with room_on_emulator() as env, SimClient(env.hpb.url, ROOM, "talk-viewer") as viewer:
+        await _call_with_viewer(env)
+        first = env.speakers.live()
+        first["alice"].say("before the drop")
+        await viewer.wait_for(lambda: "before the drop" in _texts(viewer, "alice"), DEADLINE)
 
-            await _refuse_resume_once(env)
-            # fresh offers: a new speaker for each (the old ones were closed)
-            await until(
-                lambda: all(env.speakers.live().get(n) not in (None, first[n]) for n in ("alice", "bob")),
-                deadline=DEADLINE,
-            )
-            await until(lambda: not env.room.pending_targets, deadline=DEADLINE)
-            for name, speaker in env.speakers.live().items():
-                speaker.say(f"after the reset from {name}")
-            await viewer.wait_for(
-                lambda: all(f"after the reset from {n}" in _texts(viewer, n) for n in ("alice", "bob")),
-                DEADLINE,
-            )
-            assert env.room.speaker_ids == {"alice", "bob"}
-            assert len(env.speakers.running()) == 2, "the old speakers ended"
+        await _refuse_resume_once(env)
+        # fresh offers: a new speaker for each (the old ones were closed)
+        await until(
+            lambda: all(env.speakers.live().get(n) not in (None, first[n]) for n in ("alice", "bob")),
+            deadline=DEADLINE,
+        )
+        await until(lambda: not env.room.pending_targets, deadline=DEADLINE)
+        for name, speaker in env.speakers.live().items():
+            speaker.say(f"after the reset from {name}")
+        await viewer.wait_for(
+            lambda: all(f"after the reset from {n}" in _texts(viewer, n) for n in ("alice", "bob")),
+            DEADLINE,
+        )
+        assert env.room.speaker_ids == {"alice", "bob"}
+        assert len(env.speakers.running()) == 2, "the old speakers ended"
 
 
 async def test_after_hpb_restart_nothing_goes_to_or_names_an_old_session() -> None:
@@ -96,7 +95,7 @@ async def test_after_hpb_restart_nothing_goes_to_or_names_an_old_session() -> No
         )
         [ours] = env.ours()
         before["alice"].hold.set()  # the old speaker's last final, late
-        await until(lambda: before["alice"].finished.is_set(), deadline=DEADLINE)
+        await until(before["alice"].finished.is_set, deadline=DEADLINE)
         for speaker in env.speakers.live().values():
             speaker.say(f"new {speaker.session_id}")
 
@@ -123,41 +122,45 @@ async def test_health_sees_captions_stuck_behind_a_pending_target(caplog: pytest
     """If the mapping is ever lost again, /healthz says degraded (still ready),
     the metric counts the stall once and one warning is logged."""
     caplog.set_level(logging.INFO, logger="live_transcription.rooms.room")
-    async with room_on_emulator(participants_state=ForgetfulParticipants) as env:
-        async with SimClient(env.hpb.url, ROOM, "talk-viewer"):
-            await _call_with_viewer(env)
-            first = env.speakers.live()
-            await _refuse_resume_once(env)
-            await until(
-                lambda: all(env.speakers.live().get(n) not in (None, first[n]) for n in ("alice", "bob"))
+    async with (
+        room_on_emulator(participants_state=ForgetfulParticipants) as env,
+        SimClient(env.hpb.url, ROOM, "talk-viewer"),
+    ):
+        await _call_with_viewer(env)
+        first = env.speakers.live()
+        await _refuse_resume_once(env)
+        await until(
+            lambda: (
+                all(env.speakers.live().get(n) not in (None, first[n]) for n in ("alice", "bob"))
                 and env.room.link_state == "connected"
-                and env.room.pending_targets == {"talk-viewer"},
-                deadline=DEADLINE,
-            )
-            stalls_before = metric("live_transcription_delivery_stalls_total")
-            dropped_before = metric("live_transcription_captions_dropped_total", {"reason": "no-target"})
-            speaker = env.speakers.live()["alice"]
-            speaker.say("nobody gets this")
-            assert env.room.pending_targets == {"talk-viewer"}
-            assert not env.manager.rooms()[0].delivery_stalled
-            await env.clock.advance(DELIVERY_STALL_SECONDS + 1)
-            for n in range(20):
-                speaker.say(f"still nobody {n}")
-            health = assess(_inputs(env))
-            assert health.status == "degraded" and health.ready
-            assert any("target without an HPB session" in reason for reason in health.reasons)
-            assert metric("live_transcription_delivery_stalls_total") == stalls_before + 1
-            assert (
-                metric("live_transcription_captions_dropped_total", {"reason": "no-target"})
-                == dropped_before + 21
-            )
-            warnings = [r for r in caplog.records if "have had no HPB session" in r.getMessage()]
-            assert len(warnings) == 1
+                and env.room.pending_targets == {"talk-viewer"}
+            ),
+            deadline=DEADLINE,
+        )
+        stalls_before = metric("live_transcription_delivery_stalls_total")
+        dropped_before = metric("live_transcription_captions_dropped_total", {"reason": "no-target"})
+        speaker = env.speakers.live()["alice"]
+        speaker.say("nobody gets this")
+        assert env.room.pending_targets == {"talk-viewer"}
+        assert not env.manager.rooms()[0].delivery_stalled
+        await env.clock.advance(DELIVERY_STALL_SECONDS + 1)
+        for n in range(20):
+            speaker.say(f"still nobody {n}")
+        health = assess(_inputs(env))
+        assert health.status == "degraded" and health.ready
+        assert any("target without an HPB session" in reason for reason in health.reasons)
+        assert metric("live_transcription_delivery_stalls_total") == stalls_before + 1
+        assert (
+            metric("live_transcription_captions_dropped_total", {"reason": "no-target"})
+            == dropped_before + 21
+        )
+        warnings = [r for r in caplog.records if "have had no HPB session" in r.getMessage()]
+        assert len(warnings) == 1
 
-            # Talk asks again for the viewer: the stall is over
-            await env.manager.transcribe(ROOM, "talk-viewer", False)
-            await until(lambda: not env.manager.rooms()[0].delivery_stalled)
-            assert assess(_inputs(env)).status == "ok"
+        # Talk asks again for the viewer: the stall is over
+        await env.manager.transcribe(ROOM, "talk-viewer", False)
+        await until(lambda: not env.manager.rooms()[0].delivery_stalled)
+        assert assess(_inputs(env)).status == "ok"
 
 
 def _inputs(env: Env) -> HealthInputs:

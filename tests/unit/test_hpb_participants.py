@@ -128,3 +128,27 @@ def test_events_track_state_and_repeat_is_silent(steps: list[tuple[str, list[Par
         assert speakers == state.speakers
         assert mapping == state.session_map
         assert all(is_speaker(3 | extra) for extra in (0, 4, 8))
+
+
+def test_reset_forgets_everything_so_the_same_list_is_news_again() -> None:
+    state = ParticipantsState(own_session_id="me")
+    listing = full(person("a", 3), person("b", 1))
+    state.apply(listing)
+    assert state.has("a") and state.has("b")
+    assert state.reset("me-too") == [SpeakerLeft("a")]
+    assert state.own_session_id == "me-too"
+    assert not state.has("a") and state.session_map == {} and state.speakers == frozenset()
+    assert state.apply(listing) == [SessionMap(added={"nc-a": "a", "nc-b": "b"}), SpeakerJoined("a")]
+
+
+def test_a_talk_session_that_reconnected_maps_to_its_newest_hpb_session() -> None:
+    state = ParticipantsState()
+    state.apply(full(person("z-old", 1, nc="talk-v")))
+    # the browser's new session appears while the old one lingers, either order in the list
+    assert state.apply(full(person("z-old", 1, nc="talk-v"), person("a-new", 1, nc="talk-v"))) == [
+        SessionMap(added={"talk-v": "a-new"})
+    ]
+    assert state.apply(full(person("a-new", 1, nc="talk-v"), person("z-old", 1, nc="talk-v"))) == []
+    # the old one leaves: nothing changes for the Talk session
+    assert state.leave(["z-old"]) == []
+    assert state.session_map == {"talk-v": "a-new"}

@@ -105,11 +105,30 @@ class ParticipantsState:
         gone = set(session_ids)
         return self._replace({sid: e for sid, e in self._entries.items() if sid not in gone})
 
+    def _map_talk_sessions(self, entries: dict[str, _Entry]) -> dict[str, str]:
+        """Talk session id -> HPB session id. A Talk session with two HPB
+        sessions is a browser that reconnected while its old session lingers:
+        the one that appeared last is the one listening."""
+        mapping: dict[str, str] = {}
+        for sid, entry in entries.items():
+            talk = entry.nextcloud_session_id
+            if not talk:
+                continue
+            chosen = mapping.get(talk)
+            if chosen is None or self._rank(sid, talk) > self._rank(chosen, talk):
+                mapping[talk] = sid
+        return mapping
+
+    def _rank(self, sid: str, talk: str) -> int:
+        if sid not in self._entries:
+            return 2  # arrived with this update
+        return 1 if self._mapping.get(talk) == sid else 0
+
     def _replace(self, entries: dict[str, _Entry]) -> list[CallEvent]:
         """Switch to ``entries`` and return what changed, in a stable order:
         speakers that left, the mapping delta, speakers that joined."""
         speakers = {sid for sid, e in entries.items() if is_speaker(e.in_call)}
-        mapping = {e.nextcloud_session_id: sid for sid, e in entries.items() if e.nextcloud_session_id}
+        mapping = self._map_talk_sessions(entries)
         events: list[CallEvent] = [SpeakerLeft(sid) for sid in sorted(self._speakers - speakers)]
         added = {nc: sid for nc, sid in mapping.items() if self._mapping.get(nc) != sid}
         removed = frozenset(self._mapping.keys() - mapping.keys())

@@ -169,6 +169,11 @@ class Room:
         return self._targets.pending
 
     @property
+    def resolved_targets(self) -> frozenset[str]:
+        """HPB session ids the next caption goes to."""
+        return frozenset(self._targets.resolved())
+
+    @property
     def delivery_stalled(self) -> bool:
         """Connected, captions to send, and a target pending for too long."""
         since = self._pending_with_captions_since
