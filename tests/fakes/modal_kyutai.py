@@ -9,7 +9,9 @@
 * Closes after ``idle_close_seconds`` without a binary frame; never flushes
   words still inside the delay when a connection ends.
 * Knobs: ``cold_start_seconds`` / ``handshake_gate`` hold the handshake,
-  ``drop_after_frames`` aborts the first connection mid-stream.
+  ``drop_after_frames`` aborts the first connection mid-stream,
+  ``silent_connections`` (connection numbers, from 1) are read but never
+  answered: an engine that stops answering without closing.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class FakeModalKyutai:
         drop_after_frames: int | None = None,
         legacy: bool = False,
         ping_every_frames: int = 0,
+        silent_connections: frozenset[int] = frozenset(),
     ) -> None:
         self.vocabulary = list(vocabulary)
         self.key = key
@@ -54,6 +57,7 @@ class FakeModalKyutai:
         self.drop_after_frames = drop_after_frames
         self.legacy = legacy
         self.ping_every_frames = ping_every_frames
+        self.silent_connections = silent_connections
         # observations
         self.handshakes = 0
         self.rejected = 0
@@ -137,6 +141,8 @@ class FakeModalKyutai:
                 samples = np.frombuffer(message, dtype="<f4")
                 self.frames_received += 1
                 _, ended = model.feed(decode_frame(samples))
+                if connection_number in self.silent_connections:
+                    continue
                 if ended is not None:
                     pending.append((ended[0] + self.delay_frames, ended[1]))
                 while pending and pending[0][0] <= model.received:

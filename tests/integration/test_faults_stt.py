@@ -22,12 +22,15 @@ import pytest
 from live_transcription import service as service_module
 from live_transcription.api.app import Runtime
 from live_transcription.config import load_settings
+from live_transcription.rooms import speaker as speaker_module
 from live_transcription.rooms.speaker import Speaker
 from live_transcription.service import running_service
 from live_transcription.sim.client import SimClient
 from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator
 from live_transcription.sim.publisher import write_wav
+from live_transcription.stt.modal import ModalEngine
+from live_transcription.stt.remote import RemoteOptions
 from tests.fakes import VOCABULARY, speech
 from tests.fakes.modal_kyutai import FakeModalKyutai
 from tests.integration.test_faults_support import (
@@ -70,7 +73,10 @@ class SttCall:
 
 @asynccontextmanager
 async def stt_call(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: FakeModalKyutai
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake: FakeModalKyutai,
+    options: RemoteOptions | None = None,
 ) -> AsyncIterator[SttCall]:
     census = PeerCensus()
     census.install(monkeypatch)
@@ -101,8 +107,9 @@ async def stt_call(
                 MODAL_KEY=KEY,
                 MODAL_SECRET=SECRET,
             )
+            engine = ModalEngine(fake.url, {"Modal-Key": KEY, "Modal-Secret": SECRET}, options=options)
             async with (
-                running_service(settings, ice_servers=no_ice_servers) as runtime,
+                running_service(settings, engine=engine, ice_servers=no_ice_servers) as runtime,
                 SimClient(hpb.url, ROOM, "talk-viewer") as viewer,
             ):
                 await runtime.manager.transcribe(ROOM, "talk-viewer", True, "en")
@@ -191,3 +198,50 @@ async def test_stt_server_gone_marks_the_stream_reconnecting_in_health(
         assert health.status == "degraded"
         assert "1 STT stream(s) reconnecting" in health.reasons
         assert call.runtime.manager.rooms()[0].speakers_reconnecting == 1
+
+
+async def test_stt_refusing_with_401_then_recovering_captions_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient 401 (the provider's auth hiccups): the speaker backs off,
+    then captions resume once the server accepts the credentials again."""
+    monkeypatch.setattr(speaker_module, "ENGINE_RETRY_SECONDS", 0.2)
+    options = RemoteOptions(auth_retry_seconds=0.2, idle_close_seconds=0.3)
+    async with (
+        FakeModalKyutai() as fake,
+        stt_call(tmp_path, monkeypatch, fake, options) as call,
+    ):
+        call.say([0, 1])
+        await call.viewer.wait_for(lambda: call.final_words() == ["alpha", "bravo"], deadline=DEADLINE)
+        await until(lambda: fake.client_closes >= 1, deadline=DEADLINE)  # idle: the socket is closed
+        fake.key = "revoked"
+        refused = {"engine": "modal", "event": "fatal-auth"}
+        refusals = metric(STT_EVENTS, refused)
+        call.say([2, 3])  # refused: these words are lost, the speaker backs off
+        await until(lambda: metric(STT_EVENTS, refused) > refusals, deadline=DEADLINE)
+        fake.key = KEY  # the provider accepts us again
+        speaker = call.speaker()
+        await until(lambda: speaker.engine_failure is None and speaker._stream is not None, DEADLINE)
+        call.say([4, 5])
+        await call.viewer.wait_for(lambda: call.final_words()[-2:] == ["echo", "foxtrot"], DEADLINE)
+        assert "charlie" not in call.final_words()
+        assert call.runtime.health()[0].status == "ok"
+
+
+async def test_an_engine_that_stops_answering_is_left_for_a_new_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first connection takes audio and never answers: after the flush
+    gives up and the idle close, the next speech opens a new connection and
+    its words arrive."""
+    options = RemoteOptions(flush_max_seconds=0.5, idle_close_seconds=0.3)
+    async with (
+        FakeModalKyutai(silent_connections=frozenset({1})) as fake,
+        stt_call(tmp_path, monkeypatch, fake, options) as call,
+    ):
+        call.say([0, 1])
+        await until(lambda: fake.client_closes >= 1, deadline=DEADLINE)  # gave up on it
+        assert call.final_words() == []
+        call.say([2, 3])
+        await call.viewer.wait_for(lambda: call.final_words() == ["charlie", "delta"], deadline=DEADLINE)
+        assert fake.connections >= 2
