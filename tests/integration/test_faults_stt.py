@@ -245,3 +245,36 @@ async def test_an_engine_that_stops_answering_is_left_for_a_new_connection(
         call.say([2, 3])
         await call.viewer.wait_for(lambda: call.final_words() == ["charlie", "delta"], deadline=DEADLINE)
         assert fake.connections >= 2
+
+
+async def test_after_our_hpb_session_expired_an_stt_drop_loses_no_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resume is refused (new HPB session, the same participants), then the
+    STT server drops the new stream mid-word: the viewer gets every word."""
+    async with (
+        FakeModalKyutai(drop_after_frames=10) as fake,
+        stt_call(tmp_path, monkeypatch, fake) as call,
+    ):
+        first = call.speaker()
+        [ours] = call.hpb.sessions_in_room(ROOM, internal=True)
+        call.hpb.refuse_resume = True
+        call.hpb.drop(ours)
+        await call.hpb.wait_for(lambda: call.hpb.sessions_in_room(ROOM, internal=True) not in ([], [ours]))
+        call.hpb.refuse_resume = False
+        await until(
+            lambda: (
+                first.end_reason is not None
+                and any(
+                    s is not first and s.end_reason is None and s._stream is not None for s in call.speakers
+                )
+            ),
+            deadline=DEADLINE,
+        )
+        await until(lambda: call.runtime.manager.rooms()[0].pending_targets == 0, deadline=DEADLINE)
+        words = list(range(8))
+        call.say(words)
+        expected = [VOCABULARY[w] for w in words]
+        await call.viewer.wait_for(lambda: len(call.final_words()) >= len(expected), deadline=DEADLINE)
+        assert call.final_words() == expected, "a word was lost or repeated"
+        assert fake.drops == 1
