@@ -89,8 +89,16 @@ class SignalingFaults(RuleBasedStateMachine):
         try:
             if self.env is not None:
                 self.run(self.stack.aclose())
+                self.run(self._nothing_left())
         finally:
             self.loop.close()
+
+    async def _nothing_left(self) -> None:
+        """Every room, link, speaker and emulator task has ended."""
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=SETTLE_SECONDS)
+        assert sorted(t.get_name() for t in others if not t.done()) == []
 
     def step(self, coro: Any) -> None:
         async def act_then_check() -> None:
@@ -337,8 +345,8 @@ class SignalingFaults(RuleBasedStateMachine):
 
 
 SignalingFaults.TestCase.settings = settings(
-    max_examples=int(os.environ.get("LT_STATEFUL_EXAMPLES", "8")),
-    stateful_step_count=12,
+    max_examples=int(os.environ.get("LT_STATEFUL_EXAMPLES", "25")),
+    stateful_step_count=15,
     deadline=None,
     derandomize=bool(os.environ.get("CI")),
     suppress_health_check=[HealthCheck.too_slow],
