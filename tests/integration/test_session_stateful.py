@@ -4,7 +4,8 @@ each step settles, captions reach exactly the enabled targets in the room,
 nothing goes to or names a session the HPB no longer has, the speakers are
 the participants in the call with audio, and gone speakers are freed.
 
-Bounded, and derandomized when ``CI`` is set (a fixed seed, same examples)."""
+Bounded, and derandomized when ``CI`` is set (a fixed seed, same examples);
+``LT_STATEFUL_EXAMPLES`` asks for more examples when hunting by hand."""
 
 from __future__ import annotations
 
