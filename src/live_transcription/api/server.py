@@ -1,8 +1,11 @@
 """``live-transcription serve``: the ExApp's HTTP server and the service under it.
 
-Shutdown on SIGTERM/SIGINT: uvicorn stops accepting requests, then leaving
-``running_service`` leaves every call (finals flushed, ``bye`` sent), bounded
-by ``SHUTDOWN_SECONDS``.
+Shutdown on SIGTERM/SIGINT, bounded end to end by ``SHUTDOWN_SECONDS`` from
+the signal, whatever clients do: the server stops accepting at once and
+joins still pending are given up; requests in flight get
+``LT_HTTP_SHUTDOWN_GRACE_SECONDS`` (a second signal ends the grace), then
+every connection left is cut; then leaving ``running_service`` leaves every
+call (finals flushed, ``bye`` sent) in the time that remains.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import asyncio
 import logging
 import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
 from live_transcription import loop as event_loop
 from live_transcription import metrics
-from live_transcription.api.app import create_app
+from live_transcription.api.app import OPEN_PATHS, create_app
+from live_transcription.api.http_front import FrontLimits, HttpFront
 from live_transcription.config import ConfigError, Settings, load_settings
 from live_transcription.logs import setup_logging
 from live_transcription.service import running_service
@@ -26,39 +31,77 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 20.0
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling us the moment a signal arrives (so the
+    shutdown bound starts then, not when uvicorn is done), and ending the
+    grace on a second signal of either kind (uvicorn does so for SIGINT only)."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: asyncio.Event) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+        self._loop = asyncio.get_running_loop()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        super().handle_exit(sig, frame)
+        # a signal handler runs between bytecodes: hand over to the loop
+        self._loop.call_soon_threadsafe(self._on_signal.set)
+
+
 async def run_server(
     settings: Settings,
     *,
     started: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then leave every call within
-    SHUTDOWN_SECONDS. ``started`` is set once the port accepts requests."""
+    """Serve until SIGTERM/SIGINT (or ``stop``), then leave every call;
+    everything after the signal takes SHUTDOWN_SECONDS at most. ``started``
+    is set once the port accepts requests."""
     loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
     try:
         async with asyncio.timeout(None) as deadline:
             async with running_service(settings) as runtime:
+                front = HttpFront(FrontLimits.from_settings(settings, OPEN_PATHS))
                 config = uvicorn.Config(
                     create_app(runtime),
                     host=settings.app_host,
                     port=settings.app_port,
+                    http=front.protocol_class(),
+                    timeout_keep_alive=settings.http_keep_alive,
+                    timeout_graceful_shutdown=settings.http_shutdown_grace,
                     log_config=None,
                     access_log=False,
                     lifespan="off",
                 )
-                server = uvicorn.Server(config)
+                server = _Server(config, signalled)
                 serving = asyncio.create_task(server.serve())
                 if started is not None:
                     while not server.started and not serving.done():  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
                     started.set()
+                waits = {serving, asyncio.create_task(signalled.wait())}
                 if stop is not None:
-                    stopper = asyncio.create_task(stop.wait())
-                    await asyncio.wait((serving, stopper), return_when=asyncio.FIRST_COMPLETED)
-                    stopper.cancel()
-                    server.should_exit = True
-                await serving
+                    waits.add(asyncio.create_task(stop.wait()))
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waits - {serving}:
+                    waiter.cancel()
                 deadline.reschedule(loop.time() + SHUTDOWN_SECONDS)
+                log.info("shutting down: %d HTTP connection(s) open", len(front.connections))
+                runtime.manager.stop_accepting()
+                server.should_exit = True
+                # uvicorn's own grace is bounded too; this bounds the rest of its shutdown
+                done, _ = await asyncio.wait({serving}, timeout=settings.http_shutdown_grace + 2.0)
+                if not done:
+                    server.force_exit = True
+                    serving.cancel()
+                    await asyncio.wait({serving})
+                cut = front.abort_all()
+                if cut:
+                    log.warning("shutdown: cut %d HTTP connection(s) still open after the grace", cut)
+                if serving.done() and not serving.cancelled() and serving.exception() is not None:
+                    log.error("the HTTP server failed: %r", serving.exception())
     except TimeoutError:
         log.error("shutdown took longer than %.0f s: calls cut short", SHUTDOWN_SECONDS)
     log.info("stopped")

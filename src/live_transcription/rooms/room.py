@@ -183,7 +183,27 @@ class Room:
         """In call with audio but not captioned: a cap was reached."""
         return frozenset(self._wanted - self._speakers.keys() - self._reserved - self._unavailable)
 
+    @property
+    def joining(self) -> bool:
+        """The HPB has not accepted the join yet (nor has it failed)."""
+        return not self._joined.done()
+
+    def has_target(self, talk_session: str) -> bool:
+        return talk_session in self._targets
+
+    @property
+    def adds_in_flight(self) -> int:
+        return self._adds_in_flight
+
     # --- the Manager's side -----------------------------------------------------------------------
+    def add_join_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """``callback(None)`` once joined, ``callback(error)`` when joining failed."""
+
+        def settled(joined: asyncio.Future[None]) -> None:
+            callback(ports.HpbUnavailable("cancelled") if joined.cancelled() else joined.exception())
+
+        self._joined.add_done_callback(settled)
+
     async def wait_joined(self) -> None:
         """Return once the room is joined; raise ``HpbUnavailable`` if joining failed."""
         await asyncio.shield(self._joined)
