@@ -14,9 +14,9 @@ top of uvicorn's own protocol:
 - a bound on open connections: beyond ``max_connections`` a connection is
   served the operations routes only (everything else gets 503 and is closed),
   and beyond ``max_connections + operations_slots`` the connection that has
-  waited longest for its headers is closed to make room, so the health check
-  (a complete request at once) is always answered and file descriptors never
-  run out;
+  waited longest for its request (headers or body) is closed to make room, so
+  the health check (a complete request at once) is always answered and file
+  descriptors never run out;
 - malformed HTTP gets a JSON 400.
 """
 
@@ -92,8 +92,9 @@ class HttpFront:
     def __init__(self, limits: FrontLimits) -> None:
         self.limits = limits
         self.connections: dict[GuardedH11Protocol, None] = {}
-        self.awaiting_headers: dict[GuardedH11Protocol, None] = {}
-        """Oldest first: the eviction order when the bound is reached."""
+        self.receiving: dict[GuardedH11Protocol, None] = {}
+        """Connections whose request has not fully arrived, oldest first: the
+        eviction order when the bound is reached."""
 
     def protocol_class(self) -> type[GuardedH11Protocol]:
         front = self
@@ -114,11 +115,11 @@ class HttpFront:
 
     def forget(self, connection: GuardedH11Protocol) -> None:
         self.connections.pop(connection, None)
-        self.awaiting_headers.pop(connection, None)
+        self.receiving.pop(connection, None)
         metrics.http_connections.set(len(self.connections))
 
     def _make_room(self, newcomer: GuardedH11Protocol) -> None:
-        victim = next(iter(self.awaiting_headers), newcomer)
+        victim = next(iter(self.receiving), newcomer)
         reason = "evicted" if victim is not newcomer else "refused"
         _CLOSED[reason].inc()
         log.warning(
@@ -167,8 +168,7 @@ class GuardedH11Protocol(H11Protocol):
         self._follow()
 
     def send_400_response(self, msg: str) -> None:
-        """Malformed HTTP: a JSON error like every other answer of the service."""
-        log.info("malformed HTTP request: closed", extra={"event": "http-malformed"})
+        """Malformed HTTP (uvicorn logged it): a JSON error like every other answer."""
         payload = json.dumps({"error": "malformed HTTP request"}).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -198,10 +198,11 @@ class GuardedH11Protocol(H11Protocol):
             return
         self._phase = phase
         self._cancel_deadline()
-        self._front.awaiting_headers.pop(self, None)
         limits = self._front.limits
+        if phase != "body":  # a body keeps its place: its wait began with the headers
+            self._front.receiving.pop(self, None)
         if phase == "headers":
-            self._front.awaiting_headers[self] = None
+            self._front.receiving[self] = None
             self._deadline = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
         elif phase == "body":
             self._deadline = self.loop.call_later(limits.body_timeout, self._body_too_slow)

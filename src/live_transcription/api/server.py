@@ -29,6 +29,8 @@ from live_transcription.service import running_service
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 20.0
+_UVICORN_MARGIN = 2.0
+"""How long uvicorn may take to finish after our grace cut every connection."""
 
 
 class _Server(uvicorn.Server):
@@ -70,7 +72,7 @@ async def run_server(
                     port=settings.app_port,
                     http=front.protocol_class(),
                     timeout_keep_alive=settings.http_keep_alive,
-                    timeout_graceful_shutdown=settings.http_shutdown_grace,
+                    timeout_graceful_shutdown=settings.http_shutdown_grace + int(_UVICORN_MARGIN),
                     log_config=None,
                     access_log=False,
                     lifespan="off",
@@ -91,15 +93,18 @@ async def run_server(
                 log.info("shutting down: %d HTTP connection(s) open", len(front.connections))
                 runtime.manager.stop_accepting()
                 server.should_exit = True
-                # uvicorn's own grace is bounded too; this bounds the rest of its shutdown
-                done, _ = await asyncio.wait({serving}, timeout=settings.http_shutdown_grace + 2.0)
+                done, _ = await asyncio.wait({serving}, timeout=settings.http_shutdown_grace)
+                if not done:
+                    # requests still in flight see a disconnect (they end by themselves);
+                    # uvicorn notices within 0.1 s, its own grace is a backstop
+                    cut = front.abort_all()
+                    log.warning("shutdown: cut %d HTTP connection(s) still open after the grace", cut)
+                    done, _ = await asyncio.wait({serving}, timeout=_UVICORN_MARGIN)
                 if not done:
                     server.force_exit = True
                     serving.cancel()
                     await asyncio.wait({serving})
-                cut = front.abort_all()
-                if cut:
-                    log.warning("shutdown: cut %d HTTP connection(s) still open after the grace", cut)
+                front.abort_all()
                 if serving.done() and not serving.cancelled() and serving.exception() is not None:
                     log.error("the HTTP server failed: %r", serving.exception())
     except TimeoutError:
