@@ -134,7 +134,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         return _error(500, "internal error")
 
     # --- AppAPI lifecycle ------------------------------------------------------------------
-    @app.api_route("/heartbeat", methods=["GET", "HEAD"])
+    @app.head("/heartbeat", include_in_schema=False)
+    @app.get("/heartbeat")
     async def heartbeat() -> dict[str, str]:
         return {"status": "ok"}
 

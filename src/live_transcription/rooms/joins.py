@@ -88,6 +88,10 @@ class JoinHistory:
         now = self._clock.now()
         cause = describe_failure(error)
         metrics.room_joins_failed.labels(cause.kind).inc()
+        if self._last_failure is not None and now - self._last_failure > self.window:
+            # quiet for longer than the window: what we knew of the outage is stale
+            self._streak_started = None
+            self._streak_failures = 0
         if self._streak_started is None:
             self._streak_started = now
             log.warning(
