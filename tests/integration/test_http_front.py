@@ -82,7 +82,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             assert time.monotonic() < give_up, "the service did not start"
             time.sleep(0.05)  # polling another process's port: nothing to wait on
         limits = Path(f"/proc/{process.pid}/limits").read_text()
-        assert any(line.startswith("Max open files") and f" {FD_LIMIT} " in line for line in limits.splitlines())
+        [files] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert files.split()[3:5] == [str(FD_LIMIT), str(FD_LIMIT)], files
         yield Served(url, port, log)
     finally:
         process.terminate()
