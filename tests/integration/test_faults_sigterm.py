@@ -275,3 +275,63 @@ async def test_sigterm_with_a_stalled_body_and_joins_waiting_on_a_silent_hpb(tmp
     closed = {entry["room"] for entry in entries if entry["msg"].endswith("closed: shutdown")}
     assert {short_token(room) for room in joined_rooms} <= closed
     assert not any(entry["level"] == "error" for entry in entries), "an error was logged"
+
+
+async def test_a_second_sigterm_ends_the_grace_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    stderr_path = tmp_path / "service.log"
+    prefixes = ("LT_", "APP_", "MODAL_", "NEXTCLOUD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env |= {
+        "APP_SECRET": APP_SECRET,
+        "APP_PORT": str(port),
+        "APP_HOST": "127.0.0.1",
+        "LT_STT_ENGINE": "instant",
+        "LT_HTTP_BODY_TIMEOUT_SECONDS": "300",
+        "LT_HTTP_SHUTDOWN_GRACE_SECONDS": "15",
+    }
+    with stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "live_transcription.cli",
+            "serve",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as client:
+            await wait_serving(client, process)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /heartbeat HTTP/1.1\r\nHost: exapp\r\nContent-Length: 100\r\n\r\n{")
+            await writer.drain()
+
+            async def open_connections() -> float:
+                text = (await client.get("/metrics")).text
+                gauge = "live_transcription_http_connections "
+                [line] = [x for x in text.splitlines() if x.startswith(gauge)]
+                return float(line.split()[1])
+
+            async with asyncio.timeout(DEADLINE):
+                while await open_connections() < 2:  # noqa: ASYNC110 - the stalled one and ours
+                    await asyncio.sleep(0.05)  # another process's state: polled
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(DEADLINE):
+            while "shutting down" not in stderr_path.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # another process's log: polled
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(SHUTDOWN_SECONDS + 10):  # a failure bound only
+            code = await process.wait()
+        assert code == 0
+    finally:
+        if writer is not None:
+            writer.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    messages = [json.loads(line)["msg"] for line in stderr_path.read_text().splitlines() if line.strip()]
+    assert "shutdown: cut 1 HTTP connection(s) still open (second signal)" in messages
+    assert "stopped" in messages

@@ -38,17 +38,20 @@ class _Server(uvicorn.Server):
     shutdown bound starts then, not when uvicorn is done), and ending the
     grace on a second signal of either kind (uvicorn does so for SIGINT only)."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: asyncio.Event) -> None:
+    def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        self._on_signal = on_signal
+        self.signalled = asyncio.Event()
+        self.signalled_again = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit:
+        again = self.should_exit
+        if again:
             self.force_exit = True
         super().handle_exit(sig, frame)
         # a signal handler runs between bytecodes: hand over to the loop
-        self._loop.call_soon_threadsafe(self._on_signal.set)
+        event = self.signalled_again if again else self.signalled
+        self._loop.call_soon_threadsafe(event.set)
 
 
 async def run_server(
@@ -61,7 +64,6 @@ async def run_server(
     everything after the signal takes SHUTDOWN_SECONDS at most. ``started``
     is set once the port accepts requests."""
     loop = asyncio.get_running_loop()
-    signalled = asyncio.Event()
     try:
         async with asyncio.timeout(None) as deadline:
             async with running_service(settings) as runtime:
@@ -77,13 +79,13 @@ async def run_server(
                     access_log=False,
                     lifespan="off",
                 )
-                server = _Server(config, signalled)
+                server = _Server(config)
                 serving = asyncio.create_task(server.serve())
                 if started is not None:
                     while not server.started and not serving.done():  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
                     started.set()
-                waits = {serving, asyncio.create_task(signalled.wait())}
+                waits = {serving, asyncio.create_task(server.signalled.wait())}
                 if stop is not None:
                     waits.add(asyncio.create_task(stop.wait()))
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -93,18 +95,26 @@ async def run_server(
                 log.info("shutting down: %d HTTP connection(s) open", len(front.connections))
                 runtime.manager.stop_accepting()
                 server.should_exit = True
-                done, _ = await asyncio.wait({serving}, timeout=settings.http_shutdown_grace)
-                if not done:
+                again = asyncio.create_task(server.signalled_again.wait())
+                await asyncio.wait({serving, again}, timeout=settings.http_shutdown_grace)
+                again.cancel()
+
+                def cut_connections() -> None:
+                    cut = front.abort_all()
+                    if cut:
+                        why = "second signal" if server.signalled_again.is_set() else "grace over"
+                        log.warning("shutdown: cut %d HTTP connection(s) still open (%s)", cut, why)
+
+                if not serving.done():
                     # requests still in flight see a disconnect (they end by themselves);
                     # uvicorn notices within 0.1 s, its own grace is a backstop
-                    cut = front.abort_all()
-                    log.warning("shutdown: cut %d HTTP connection(s) still open after the grace", cut)
-                    done, _ = await asyncio.wait({serving}, timeout=_UVICORN_MARGIN)
-                if not done:
+                    cut_connections()
+                    await asyncio.wait({serving}, timeout=_UVICORN_MARGIN)
+                if not serving.done():
                     server.force_exit = True
                     serving.cancel()
                     await asyncio.wait({serving})
-                front.abort_all()
+                cut_connections()
                 if serving.done() and not serving.cancelled() and serving.exception() is not None:
                     log.error("the HTTP server failed: %r", serving.exception())
     except TimeoutError:
