@@ -15,6 +15,7 @@ from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.manager import (
     CapacityReached,
+    JoinCancelled,
     Manager,
     NoSuchRoom,
     ProviderFailure,
@@ -395,3 +396,15 @@ async def test_a_closed_room_is_freed_by_reference_counting_alone(env: Env) -> N
         await until(lambda: room_ref() is None, what="the room waits for the cyclic collector")
     finally:
         gc.enable()
+
+
+async def test_leave_before_the_room_task_ran_cancels_the_join(env: Env) -> None:
+    enabling = asyncio.create_task(env.manager.transcribe(TOKEN, "talk-a", True))
+    await asyncio.sleep(0)  # transcribe waits for the join; the room's task has not run yet
+    assert env.manager.room(TOKEN) is not None
+    assert await env.manager.leave(TOKEN)
+    with pytest.raises(JoinCancelled, match="left before it was joined"):
+        await asyncio.wait_for(enabling, 15)
+    await until(lambda: env.manager.room(TOKEN) is None)
+    assert env.links.links == {}  # the join never went on
+    assert env.manager.joins.report().pending == 0

@@ -253,6 +253,8 @@ class Manager:
         self.joins.started(room)
         room.add_join_callback(lambda error: self._join_settled(room, error))
         room.task = self._tasks.create_task(self._run_room(room), name=f"room-{token[:4]}")
+        # a callback, not a finally: a task cancelled before its first step runs no code
+        room.task.add_done_callback(lambda _: self._room_ended(room))
         return room
 
     async def _run_room(self, room: Room) -> None:
@@ -260,11 +262,12 @@ class Manager:
             await room.run()
         except Exception:
             log.exception("room task failed")
-        finally:
-            if self._rooms.get(room.token) is room:
-                del self._rooms[room.token]
-            self.rooms_closed += 1
-            metrics.rooms_closed.labels(room.closed_reason or "unknown").inc()
+
+    def _room_ended(self, room: Room) -> None:
+        if self._rooms.get(room.token) is room:
+            del self._rooms[room.token]
+        self.rooms_closed += 1
+        metrics.rooms_closed.labels(room.closed_reason or "unknown").inc()
 
     def _join_settled(self, room: Room, error: BaseException | None) -> None:
         if error is not None:

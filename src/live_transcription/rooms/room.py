@@ -232,6 +232,9 @@ class Room:
         if self.task is not None and not self._joined.done():
             self.closed_reason = reason
             self.task.cancel()
+            # settled here too: a task cancelled before its first step runs no finally
+            self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
+            self._joined.exception()
             return
         try:
             self._inbox.put_nowait(Leave(reason))
