@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -408,3 +409,30 @@ async def test_leave_before_the_room_task_ran_cancels_the_join(env: Env) -> None
     await until(lambda: env.manager.room(TOKEN) is None)
     assert env.links.links == {}  # the join never went on
     assert env.manager.joins.report().pending == 0
+
+
+async def test_links_reconnecting_are_one_outage_logged_at_its_start_and_end(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="live_transcription")
+    for token in ("r1", "r2"):
+        await env.manager.transcribe(token, "talk-a", True)
+    links = [env.links.links[token] for token in ("r1", "r2")]
+    for link in links:
+        await link.emit(ports.LinkState("reconnecting"))
+    await until(lambda: all(room.link_state == "reconnecting" for room in env.manager.rooms()))
+    await env.clock.advance(5)
+    await links[0].emit(ports.LinkState("connected"))
+    await until(
+        lambda: sorted(room.link_state for room in env.manager.rooms()) == ["connected", "reconnecting"]
+    )
+    assert [r.__dict__.get("event") for r in caplog.records if "signaling" in r.getMessage()] == [
+        "hpb-outage"
+    ]
+    await links[1].emit(ports.LinkState("connected"))
+    await until(lambda: all(room.link_state == "connected" for room in env.manager.rooms()))
+    outage = [(r.levelname, r.getMessage()) for r in caplog.records if "signaling" in r.getMessage()]
+    assert outage == [
+        ("WARNING", "cannot reach the signaling server (connection lost): rooms cannot be joined or kept"),
+        ("INFO", "signaling server reachable again after 5 s (0 failed join(s), 2 room(s) reconnected)"),
+    ]

@@ -2,9 +2,10 @@
 from the rooms that exist now (a room whose join failed is gone at once).
 
 Owned by the Manager (one event loop, no awaits inside). Time comes from the
-injected clock. An outage (joins failing since the last success) is logged
-once as a WARNING with its cause when it starts and once as an INFO when a
-join succeeds again; the failures in between are counted, not logged here.
+injected clock. An HPB outage (joins failing since the last success, or
+rooms' links reconnecting) is logged once as a WARNING with its cause when
+it starts and once as an INFO when it is over (a join succeeded and no link
+is reconnecting); what happens in between is counted, not logged here.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class JoinHistory:
         self._streak_started: float | None = None
         self._last_failure: float | None = None
         self._last_cause: FailureCause | None = None
+        self._reconnecting: set[object] = set()
+        self._outage_since: float | None = None
+        self._reconnected = 0
 
     def started(self, join: object) -> None:
         self._pending[join] = self._clock.now()
@@ -69,17 +73,47 @@ class JoinHistory:
         """Record a join; False when it was no longer pending (abandoned)."""
         if self._pending.pop(join, None) is None:
             return False
-        if self._streak_started is not None:
-            log.info(
-                "signaling server reachable again: a room joined after %d failed join(s) over %.0f s",
-                self._streak_failures,
-                self._clock.now() - self._streak_started,
-                extra={"event": "hpb-outage-end"},
-            )
+        failures = self._streak_failures
         self._streak_failures = 0
         self._streak_started = self._last_failure = None
         self._last_cause = None
+        self._outage_maybe_over(failures)
         return True
+
+    def link_state(self, room: object, state: str) -> None:
+        """A joined room's HPB link changed state (``reconnecting``,
+        ``connected``, ``closed``)."""
+        if state == "reconnecting":
+            self._reconnecting.add(room)
+            self._outage_begins(FailureCause("connection-lost", "connection lost"))
+        elif room in self._reconnecting:
+            self._reconnecting.discard(room)
+            if state == "connected":  # a room closed while reconnecting proves nothing
+                self._reconnected += 1
+                self._outage_maybe_over(0)
+
+    def _outage_begins(self, cause: FailureCause) -> None:
+        if self._outage_since is not None:
+            return
+        self._outage_since = self._clock.now()
+        self._reconnected = 0
+        log.warning(
+            "cannot reach the signaling server (%s): rooms cannot be joined or kept",
+            cause.words,
+            extra={"event": "hpb-outage", "cause": cause.kind},
+        )
+
+    def _outage_maybe_over(self, failures: int) -> None:
+        if self._outage_since is None or self._reconnecting or self._streak_started is not None:
+            return
+        log.info(
+            "signaling server reachable again after %.0f s (%d failed join(s), %d room(s) reconnected)",
+            self._clock.now() - self._outage_since,
+            failures,
+            self._reconnected,
+            extra={"event": "hpb-outage-end"},
+        )
+        self._outage_since = None
 
     def failed(self, join: object, error: BaseException) -> FailureCause | None:
         """Record a failed join; None when it was no longer pending."""
@@ -94,11 +128,7 @@ class JoinHistory:
             self._streak_failures = 0
         if self._streak_started is None:
             self._streak_started = now
-            log.warning(
-                "cannot reach the signaling server (%s): rooms cannot be joined",
-                cause.words,
-                extra={"event": "hpb-outage", "cause": cause.kind},
-            )
+        self._outage_begins(cause)
         self._streak_failures += 1
         self._last_failure = now
         self._last_cause = cause

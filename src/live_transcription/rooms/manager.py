@@ -247,6 +247,7 @@ class Manager:
             admission=self.admission,
             clock=self._clock,
             linger_seconds=self._linger_seconds,
+            on_link_state=self.joins.link_state,
         )
         self._rooms[token] = room
         self.rooms_opened += 1

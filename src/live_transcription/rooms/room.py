@@ -125,6 +125,7 @@ class Room:
         admission: Admission,
         clock: Clock,
         linger_seconds: float,
+        on_link_state: Callable[[Room, str], None] = lambda room, state: None,
     ) -> None:
         self.token = token
         self.language = language
@@ -133,6 +134,7 @@ class Room:
         self._admission = admission
         self._clock = clock
         self._linger_seconds = linger_seconds
+        self._on_link_state = on_link_state
 
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -291,6 +293,7 @@ class Room:
             self._wanted.clear()
             self._link = None
             self.link_state = "closed"
+            self._on_link_state(self, "closed")
             if not self._joined.done():
                 self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
                 self._joined.exception()
@@ -405,6 +408,7 @@ class Room:
                 return "call-ended"
             case ports.LinkState(state):
                 self.link_state = state
+                self._on_link_state(self, state)
         return None
 
     # --- speakers ---------------------------------------------------------------------------------
