@@ -205,6 +205,7 @@ async def test_sigterm_with_a_stalled_body_and_joins_waiting_on_a_silent_hpb(tmp
             "LT_STT_ENGINE": "instant",
             # only the shutdown can end the stalled body in this test
             "LT_HTTP_BODY_TIMEOUT_SECONDS": "300",
+            "LT_MAX_ROOMS": str(len(joined_rooms) + len(waiting_rooms)),
         }
         with stderr_path.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(
@@ -242,6 +243,10 @@ async def test_sigterm_with_a_stalled_body_and_joins_waiting_on_a_silent_hpb(tmp
                     ),
                     DEADLINE,
                 )
+                # every room slot is taken by joins the HPB does not answer: health says so
+                health = (await client.get("/healthz")).json()
+                assert health["status"] == "degraded", health
+                assert "room cap of 53 reached" in health["reasons"]
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(b"GET /heartbeat HTTP/1.1\r\nHost: exapp\r\nContent-Length: 100\r\n\r\n{")
                 await writer.drain()
