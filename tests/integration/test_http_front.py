@@ -178,3 +178,17 @@ async def test_head_heartbeat_and_open_routes_beyond_the_bound(served: Served) -
     finally:
         for writer in holders:
             writer.close()
+
+
+async def test_upgrade_requests_are_plain_http_and_leave_nothing_open(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        for _ in range(20):
+            reply = await client.get(
+                "/heartbeat",
+                headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"},
+            )
+            assert reply.status_code == 200
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        text = (await client.get("/metrics")).text
+    [line] = [x for x in text.splitlines() if x.startswith("live_transcription_http_connections ")]
+    assert float(line.split()[1]) <= 2  # this scrape's connection (and perhaps one closing)

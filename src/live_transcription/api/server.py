@@ -73,6 +73,7 @@ async def run_server(
                     host=settings.app_host,
                     port=settings.app_port,
                     http=front.protocol_class(),
+                    ws="none",  # no WebSocket route: an upgrade request is plain HTTP (404)
                     timeout_keep_alive=settings.http_keep_alive,
                     timeout_graceful_shutdown=settings.http_shutdown_grace + int(_UVICORN_MARGIN),
                     log_config=None,
