@@ -129,7 +129,7 @@ async def test_an_outage_is_one_warning_with_its_cause_and_one_info_at_its_end(
         ("INFO", "signaling server reachable again after 0 s (3 failed join(s), 0 room(s) reconnected)"),
     ]
     # each refused request is logged with the details, for the operator only
-    details = [r.getMessage() for r in caplog.records if r.getMessage().startswith("enable refused")]
+    details = [r.getMessage() for r in caplog.records if r.getMessage().startswith("enable refused in room")]
     assert len(details) == 3
     assert "ConnectionRefusedError" not in details[0]  # the link's repr: HpbUnavailable('refused')
     assert "HpbUnavailable" in details[0]

@@ -27,7 +27,7 @@ from live_transcription.api.appapi import AppApiAuth, BodyLimit
 from live_transcription.api.health import Health, HealthInputs, assess
 from live_transcription.config import Settings
 from live_transcription.hpb.failures import describe_failure
-from live_transcription.logs import fields
+from live_transcription.logs import short_token
 from live_transcription.rooms import ports
 from live_transcription.rooms.manager import (
     CapacityReached,
@@ -186,11 +186,13 @@ def create_app(runtime: Runtime) -> FastAPI:
             return _error(400, str(exc))
         except ports.HpbUnavailable as exc:
             cause = describe_failure(exc)
-            # the details (exception chain) for the operator; plain words for Talk
+            # the details (exception chain) for the operator, plain words for Talk;
+            # grouped by cause, not room: a flood of enables is a few lines
             log.info(
-                "enable refused: cannot reach the signaling server: %r",
+                "enable refused in room %s: cannot reach the signaling server: %r",
+                short_token(body.roomToken),
                 exc,
-                extra=fields(body.roomToken) | {"cause": cause.kind},
+                extra={"cause": cause.kind},
             )
             return _error(503, f"cannot reach the signaling server ({cause.words})")
         except (CapacityReached, JoinCancelled) as exc:
