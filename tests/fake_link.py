@@ -69,6 +69,8 @@ class LinkFactory:
     """``CallLinkFactory`` that hands out FakeLinks (or fails / hangs on demand)."""
 
     fail: bool = False
+    error: Exception | None = None
+    """What a failing join wraps (the cause a real link would chain)."""
     hang: bool = False
     links: dict[str, FakeLink] = field(default_factory=dict)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
@@ -76,7 +78,7 @@ class LinkFactory:
     @asynccontextmanager
     async def __call__(self, token: str) -> AsyncIterator[FakeLink]:
         if self.fail:
-            raise ports.HpbUnavailable("refused")
+            raise ports.HpbUnavailable("refused") from self.error
         if self.hang:
             await asyncio.Event().wait()
         link = FakeLink(token)

@@ -69,10 +69,17 @@ class Settings(BaseSettings):
     max_speakers_per_room: int = Field(50, alias="LT_MAX_SPEAKERS_PER_ROOM", ge=1)
     max_speakers: int = Field(500, alias="LT_MAX_SPEAKERS", ge=1)
     max_rooms: int = Field(200, alias="LT_MAX_ROOMS", ge=1)
+    max_targets_per_room: int = Field(1000, alias="LT_MAX_TARGETS_PER_ROOM", ge=1)
     memory_limit_mb: int = Field(0, alias="LT_MEMORY_LIMIT_MB", ge=0)
     default_language: str = Field("en", alias="LT_DEFAULT_LANGUAGE")
     event_loop: str = Field("uvloop", alias="LT_EVENT_LOOP", pattern="^(uvloop|asyncio)$")
     udp_tick_ms: int = Field(10, alias="LT_UDP_TICK_MS", ge=0, le=40)
+    # --- HTTP front (slow and hostile clients, shutdown) ---------------------------
+    http_max_connections: int = Field(1000, alias="LT_HTTP_MAX_CONNECTIONS", ge=1)
+    http_header_timeout: float = Field(10.0, alias="LT_HTTP_HEADER_TIMEOUT_SECONDS", gt=0, le=300)
+    http_body_timeout: float = Field(10.0, alias="LT_HTTP_BODY_TIMEOUT_SECONDS", gt=0, le=300)
+    http_keep_alive: int = Field(5, alias="LT_HTTP_KEEP_ALIVE_SECONDS", ge=1, le=300)
+    http_shutdown_grace: int = Field(3, alias="LT_HTTP_SHUTDOWN_GRACE_SECONDS", ge=0, le=15)
     log_level: str = Field("INFO", alias="LT_LOG_LEVEL")
     log_format: str = Field("json", alias="LT_LOG_FORMAT", pattern="^(json|text)$")
 

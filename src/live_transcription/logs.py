@@ -14,9 +14,15 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+def _masked(message: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,9 +31,7 @@ class JsonFormatter(logging.Formatter):
         self._secrets = [s for s in secrets if len(s) >= 4]
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        for secret in self._secrets:
-            message = message.replace(secret, "***")
+        message = _masked(record.getMessage(), self._secrets)
         entry: dict[str, object] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
@@ -47,21 +51,46 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-class RepeatLimiter(logging.Filter):
-    """Lets the same (logger, template) through at most once per ``window``
-    seconds; the next one that passes says how many were held back."""
+class TextFormatter(logging.Formatter):
+    """One line for humans; says how many repeats were held back before it."""
 
-    def __init__(self, window: float = 10.0, max_keys: int = 1024) -> None:
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._secrets = [s for s in secrets if len(s) >= 4]
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = _masked(super().format(record), self._secrets)
+        repeats = record.__dict__.get("repeats", 0)
+        return f"{line} (+{repeats} repeats held back)" if repeats else line
+
+
+KEY_FIELDS = ("event", "state", "cause", "reason", "refusal", "room", "speaker")
+"""``extra`` fields that tell one event from another: lines differing in any
+of them are never grouped (a state change always shows)."""
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets the same event (logger, template and key fields) through at most
+    once per ``window`` seconds; the next one that passes says how many were
+    held back."""
+
+    def __init__(
+        self,
+        window: float = 10.0,
+        max_keys: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.window = window
         self.max_keys = max_keys
-        self._seen: OrderedDict[tuple[str, object], tuple[float, int]] = OrderedDict()
+        self._clock = clock
+        self._seen: OrderedDict[tuple[object, ...], tuple[float, int]] = OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.INFO:
             return True
-        key = (record.name, record.msg)
-        now = time.monotonic()
+        key = (record.name, record.msg, *(record.__dict__.get(name) for name in KEY_FIELDS))
+        now = self._clock()
         last = self._seen.get(key)
         if last is not None and now - last[0] < self.window:
             self._seen[key] = (last[0], last[1] + 1)
@@ -89,10 +118,8 @@ def fields(room: str, speaker: str | None = None) -> dict[str, str]:
 
 def setup_logging(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter(secrets))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    secrets = list(secrets)
+    handler.setFormatter(JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets))
     handler.addFilter(RepeatLimiter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

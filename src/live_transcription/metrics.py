@@ -67,7 +67,18 @@ delivery_stalls = Counter(
 )
 speakers_started = Counter(f"{PREFIX}_speakers_started", "Speaker sessions started")
 speakers_ended = Counter(f"{PREFIX}_speakers_ended", "Speaker sessions ended", ["reason"])
-rooms_opened = Counter(f"{PREFIX}_rooms_opened", "Rooms joined")
+rooms_opened = Counter(f"{PREFIX}_rooms_opened", "Rooms joined (the HPB accepted the join)")
+room_joins_failed = Counter(
+    f"{PREFIX}_room_joins_failed",
+    "Room joins that failed, by cause",
+    ["cause"],  # see hpb.failures.CAUSES
+)
+http_connections = Gauge(f"{PREFIX}_http_connections", "Open HTTP connections")
+http_connections_closed = Counter(
+    f"{PREFIX}_http_connections_closed",
+    "HTTP connections closed by the server's limits, by reason",
+    ["reason"],  # header-timeout | body-timeout | evicted | refused
+)
 rooms_closed = Counter(f"{PREFIX}_rooms_closed", "Rooms left", ["reason"])
 caption_latency = Histogram(
     f"{PREFIX}_caption_latency_seconds",
@@ -88,6 +99,8 @@ for _kind in ("room-cap", "process-cap", "memory"):
     speakers_refused.labels(_kind)
 for _kind in ("partial", "final"):
     captions_sent.labels(_kind)
+for _reason in ("header-timeout", "body-timeout", "evicted", "refused"):
+    http_connections_closed.labels(_reason)
 for _kind in ("received", "silent", "skipped", "decoded", "lost", "late", "concealed", "decode-error"):
     audio_packets.labels(_kind)
 

@@ -158,6 +158,7 @@ async def running_service(
             default_language=settings.default_language,
             linger_seconds=settings.room_linger_seconds,
             max_rooms=settings.max_rooms,
+            max_targets_per_room=settings.max_targets_per_room,
             provider_failure=engine.failure,
         )
         metrics.observe_state(lambda: _snapshot(manager))

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from live_transcription.api.server import SHUTDOWN_SECONDS
+from live_transcription.logs import short_token
 from live_transcription.sim.client import SimClient
 from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator
@@ -180,3 +181,162 @@ async def test_sigterm_flushes_open_lines_says_bye_and_exits_zero(tmp_path: Path
     assert ROOM not in text, "room tokens are logged shortened"
     assert any(entry["msg"] == "stopped" for entry in entries)
     assert not any("longer than" in entry["msg"] for entry in entries)
+
+
+async def test_sigterm_with_a_stalled_body_and_joins_waiting_on_a_silent_hpb(tmp_path: Path) -> None:
+    """Neither a client that never finishes its body nor 50 joins that the HPB
+    never answers hold the shutdown: the process exits within its bound, and
+    every call that was joined is left with ``bye``."""
+    internal_secret = secrets.token_hex(16)
+    joined_rooms = [f"j{i}call" for i in range(3)]  # distinct in the logs' shortened tokens
+    waiting_rooms = [f"w{i:02d}call" for i in range(50)]
+    port = free_port()
+    stderr_path = tmp_path / "service.log"
+    async with HpbEmulator(internal_secret, BACKEND) as hpb:
+        prefixes = ("LT_", "APP_", "MODAL_", "NEXTCLOUD")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+        env |= {
+            "APP_SECRET": APP_SECRET,
+            "APP_PORT": str(port),
+            "APP_HOST": "127.0.0.1",
+            "NEXTCLOUD_URL": BACKEND,
+            "LT_HPB_URL": hpb.url,
+            "LT_INTERNAL_SECRET": internal_secret,
+            "LT_STT_ENGINE": "instant",
+            # only the shutdown can end the stalled body in this test
+            "LT_HTTP_BODY_TIMEOUT_SECONDS": "300",
+            "LT_MAX_ROOMS": str(len(joined_rooms) + len(waiting_rooms)),
+        }
+        with stderr_path.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "live_transcription.cli",
+                "serve",
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as client:
+                await wait_serving(client, process)
+
+                async def enable(room: str) -> httpx.Response:
+                    body = {"roomToken": room, "ncSessionId": f"talk-{room}", "enable": True}
+                    return await client.post("/api/v1/call/transcribe", json=body, headers=auth())
+
+                for room in joined_rooms:
+                    reply = await enable(room)
+                    assert reply.status_code == 200, reply.text
+                ours = {room: hpb.sessions_in_room(room, internal=True) for room in joined_rooms}
+                assert all(len(sessions) == 1 for sessions in ours.values()), ours
+
+                hpb.silent = True
+                hellos_before = sum(1 for _, m in hpb.received_all() if m.get("type") == "hello")
+                waiting = [asyncio.create_task(enable(room)) for room in waiting_rooms]
+                await hpb.wait_for(
+                    lambda: (
+                        sum(1 for _, m in hpb.received_all() if m.get("type") == "hello")
+                        >= hellos_before + len(waiting_rooms)
+                    ),
+                    DEADLINE,
+                )
+                # every room slot is taken by joins the HPB does not answer: health says so
+                health = (await client.get("/healthz")).json()
+                assert health["status"] == "degraded", health
+                assert "room cap of 53 reached" in health["reasons"]
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /heartbeat HTTP/1.1\r\nHost: exapp\r\nContent-Length: 100\r\n\r\n{")
+                await writer.drain()
+
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(SHUTDOWN_SECONDS + 10):  # a failure bound only
+                    code = await process.wait()
+                assert code == 0
+
+                # the stalled client was cut, every waiting request got an answer or a close
+                async with asyncio.timeout(DEADLINE):
+                    while await reader.read(4096):
+                        pass
+                outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+                answered = [o for o in outcomes if isinstance(o, httpx.Response)]
+                assert all(o.status_code == 503 for o in answered), [o.text for o in answered]
+                assert all(isinstance(o, httpx.Response | httpx.TransportError) for o in outcomes), outcomes
+                # every joined call was left with bye
+                for room, [session] in ours.items():
+                    assert any(m.get("type") == "bye" for m in hpb.received(session)), room
+        finally:
+            if writer is not None:
+                writer.close()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    entries = [json.loads(line) for line in stderr_path.read_text().splitlines() if line.strip()]
+    assert any(entry["msg"] == "stopped" for entry in entries)
+    assert not any("longer than" in entry["msg"] for entry in entries)
+    closed = {entry["room"] for entry in entries if entry["msg"].endswith("closed: shutdown")}
+    assert {short_token(room) for room in joined_rooms} <= closed
+    assert not any(entry["level"] == "error" for entry in entries), "an error was logged"
+
+
+async def test_a_second_sigterm_ends_the_grace_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    stderr_path = tmp_path / "service.log"
+    prefixes = ("LT_", "APP_", "MODAL_", "NEXTCLOUD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env |= {
+        "APP_SECRET": APP_SECRET,
+        "APP_PORT": str(port),
+        "APP_HOST": "127.0.0.1",
+        "LT_STT_ENGINE": "instant",
+        "LT_HTTP_BODY_TIMEOUT_SECONDS": "300",
+        "LT_HTTP_SHUTDOWN_GRACE_SECONDS": "15",
+    }
+    with stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "live_transcription.cli",
+            "serve",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as client:
+            await wait_serving(client, process)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /heartbeat HTTP/1.1\r\nHost: exapp\r\nContent-Length: 100\r\n\r\n{")
+            await writer.drain()
+
+            async def open_connections() -> float:
+                text = (await client.get("/metrics")).text
+                gauge = "live_transcription_http_connections "
+                [line] = [x for x in text.splitlines() if x.startswith(gauge)]
+                return float(line.split()[1])
+
+            async with asyncio.timeout(DEADLINE):
+                while await open_connections() < 2:  # noqa: ASYNC110 - the stalled one and ours
+                    await asyncio.sleep(0.05)  # another process's state: polled
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(DEADLINE):
+            while "shutting down" not in stderr_path.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # another process's log: polled
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(SHUTDOWN_SECONDS + 10):  # a failure bound only
+            code = await process.wait()
+        assert code == 0
+    finally:
+        if writer is not None:
+            writer.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    messages = [json.loads(line)["msg"] for line in stderr_path.read_text().splitlines() if line.strip()]
+    assert "shutdown: cut 1 HTTP connection(s) still open (second signal)" in messages
+    assert "stopped" in messages

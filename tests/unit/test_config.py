@@ -72,6 +72,12 @@ def test_modal_url_override(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"LT_HPB_URL": "ftp://hpb"}, "LT_HPB_URL"),
         ({"LT_MOSHI_URL": "http://x", "LT_STT_ENGINE": "moshi"}, "LT_MOSHI_URL"),
         ({"SKIP_CERT_VERIFY": "perhaps"}, "SKIP_CERT_VERIFY"),
+        ({"LT_MAX_TARGETS_PER_ROOM": "0"}, "LT_MAX_TARGETS_PER_ROOM"),
+        ({"LT_HTTP_MAX_CONNECTIONS": "0"}, "LT_HTTP_MAX_CONNECTIONS"),
+        ({"LT_HTTP_HEADER_TIMEOUT_SECONDS": "0"}, "LT_HTTP_HEADER_TIMEOUT_SECONDS"),
+        ({"LT_HTTP_BODY_TIMEOUT_SECONDS": "-1"}, "LT_HTTP_BODY_TIMEOUT_SECONDS"),
+        ({"LT_HTTP_KEEP_ALIVE_SECONDS": "0"}, "LT_HTTP_KEEP_ALIVE_SECONDS"),
+        ({"LT_HTTP_SHUTDOWN_GRACE_SECONDS": "60"}, "LT_HTTP_SHUTDOWN_GRACE_SECONDS"),
     ],
 )
 def test_bad_values_say_which_variable(

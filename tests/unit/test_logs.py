@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import logging
 
-from live_transcription.logs import JsonFormatter, RepeatLimiter
+from live_transcription.logs import JsonFormatter, RepeatLimiter, TextFormatter
 
 
 def record(msg: str, *args: object, level: int = logging.WARNING, **extra: object) -> logging.LogRecord:
@@ -40,3 +40,32 @@ def test_limiter_memory_is_bounded() -> None:
     for i in range(100):
         limiter.filter(record(f"distinct {i}"))
     assert len(limiter._seen) == 10
+
+
+def test_repeats_are_grouped_by_event_and_key_fields() -> None:
+    now = [0.0]
+    limiter = RepeatLimiter(window=10, clock=lambda: now[0])
+    assert limiter.filter(record("app %s", "disabled", state="disabled"))
+    assert limiter.filter(record("app %s", "enabled", state="enabled"))  # a state change always shows
+    assert not limiter.filter(record("app %s", "disabled", state="disabled"))
+    assert limiter.filter(record("link failed", room="ab12…"))
+    assert limiter.filter(record("link failed", room="cd34…"))  # another room: another event
+    assert not limiter.filter(record("link failed", room="ab12…"))
+    now[0] = 11.0
+    again = record("link failed", room="ab12…")
+    assert limiter.filter(again)
+    assert getattr(again, "repeats", None) == 1
+
+
+def test_held_back_repeats_are_counted_in_both_formats() -> None:
+    limiter = RepeatLimiter(window=3600)
+    assert limiter.filter(record("HPB lost"))
+    for _ in range(3):
+        assert not limiter.filter(record("HPB lost"))
+    limiter.window = 0
+    passed = record("HPB lost")
+    assert limiter.filter(passed)
+    assert json.loads(JsonFormatter().format(passed))["repeats"] == 3
+    assert TextFormatter().format(passed).endswith("HPB lost (+3 repeats held back)")
+    masked = TextFormatter(secrets=["topsecret"]).format(record("auth %s", "topsecret"))
+    assert "topsecret" not in masked

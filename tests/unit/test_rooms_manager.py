@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.manager import (
     CapacityReached,
+    JoinCancelled,
     Manager,
     NoSuchRoom,
     ProviderFailure,
@@ -395,3 +397,42 @@ async def test_a_closed_room_is_freed_by_reference_counting_alone(env: Env) -> N
         await until(lambda: room_ref() is None, what="the room waits for the cyclic collector")
     finally:
         gc.enable()
+
+
+async def test_leave_before_the_room_task_ran_cancels_the_join(env: Env) -> None:
+    enabling = asyncio.create_task(env.manager.transcribe(TOKEN, "talk-a", True))
+    await asyncio.sleep(0)  # transcribe waits for the join; the room's task has not run yet
+    assert env.manager.room(TOKEN) is not None
+    assert await env.manager.leave(TOKEN)
+    with pytest.raises(JoinCancelled, match="left before it was joined"):
+        await asyncio.wait_for(enabling, 15)
+    await until(lambda: env.manager.room(TOKEN) is None)
+    assert env.links.links == {}  # the join never went on
+    assert env.manager.joins.report().pending == 0
+
+
+async def test_links_reconnecting_are_one_outage_logged_at_its_start_and_end(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="live_transcription")
+    for token in ("r1", "r2"):
+        await env.manager.transcribe(token, "talk-a", True)
+    links = [env.links.links[token] for token in ("r1", "r2")]
+    for link in links:
+        await link.emit(ports.LinkState("reconnecting"))
+    await until(lambda: all(room.link_state == "reconnecting" for room in env.manager.rooms()))
+    await env.clock.advance(5)
+    await links[0].emit(ports.LinkState("connected"))
+    await until(
+        lambda: sorted(room.link_state for room in env.manager.rooms()) == ["connected", "reconnecting"]
+    )
+    assert [r.__dict__.get("event") for r in caplog.records if "signaling" in r.getMessage()] == [
+        "hpb-outage"
+    ]
+    await links[1].emit(ports.LinkState("connected"))
+    await until(lambda: all(room.link_state == "connected" for room in env.manager.rooms()))
+    outage = [(r.levelname, r.getMessage()) for r in caplog.records if "signaling" in r.getMessage()]
+    assert outage == [
+        ("WARNING", "cannot reach the signaling server (connection lost): rooms cannot be joined or kept"),
+        ("INFO", "signaling server reachable again after 5 s (0 failed join(s), 2 room(s) reconnected)"),
+    ]

@@ -23,13 +23,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from live_transcription import __version__
 from live_transcription.api.appapi import AppApiAuth, BodyLimit
 from live_transcription.api.health import Health, HealthInputs, assess
 from live_transcription.config import Settings
+from live_transcription.hpb.failures import describe_failure
+from live_transcription.logs import short_token
 from live_transcription.rooms import ports
 from live_transcription.rooms.manager import (
     CapacityReached,
+    JoinCancelled,
     Manager,
     NoSuchRoom,
     ProviderFailure,
@@ -71,6 +73,8 @@ class Runtime:
             rss_bytes=_PROCESS.memory_info().rss,
             enabled=self.enabled,
             accepting=self.manager.accepting,
+            joins=self.manager.joins.report(),
+            rooms_cap=self.manager.max_rooms,
         )
         return assess(inputs), inputs
 
@@ -109,7 +113,7 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
     manager = runtime.manager
-    app = FastAPI(title="live_transcription", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(title="live_transcription", version=settings.app_version, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
 
     @app.exception_handler(RequestValidationError)
@@ -130,6 +134,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return _error(500, "internal error")
 
     # --- AppAPI lifecycle ------------------------------------------------------------------
+    @app.head("/heartbeat", include_in_schema=False)
     @app.get("/heartbeat")
     async def heartbeat() -> dict[str, str]:
         return {"status": "ok"}
@@ -149,10 +154,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.put("/enabled")
     async def put_enabled(enabled: Annotated[int, Query(ge=0, le=1)]) -> dict[str, object]:
         runtime.enabled = bool(enabled)
+        state = "enabled" if runtime.enabled else "disabled"
+        log.info("app %s", state, extra={"state": state})
         if not runtime.enabled:
             for room in manager.rooms():
-                await manager.leave(room.token)
-        log.info("app %s", "enabled" if runtime.enabled else "disabled")
+                await manager.leave(room.token, "disabled")
         return {"error": ""}
 
     @app.get("/capabilities")
@@ -179,8 +185,17 @@ def create_app(runtime: Runtime) -> FastAPI:
         except UnsupportedLanguage as exc:
             return _error(400, str(exc))
         except ports.HpbUnavailable as exc:
-            return _error(503, f"cannot reach the signaling server: {exc}")
-        except CapacityReached as exc:
+            cause = describe_failure(exc)
+            # the details (exception chain) for the operator, plain words for Talk;
+            # grouped by cause, not room: a flood of enables is a few lines
+            log.info(
+                "enable refused in room %s: cannot reach the signaling server: %r",
+                short_token(body.roomToken),
+                exc,
+                extra={"cause": cause.kind},
+            )
+            return _error(503, f"cannot reach the signaling server ({cause.words})")
+        except (CapacityReached, JoinCancelled) as exc:
             return _error(503, str(exc))
         except ProviderFailure as exc:
             return _error(550, f"speech-to-text provider failure: {exc}")

@@ -41,18 +41,12 @@ def check_request(headers: dict[str, str], app_id: str, secret: str) -> str | No
     return None
 
 
-async def send_json(send: Send, status: int, body: dict[str, object]) -> None:
+async def send_json(send: Send, status: int, body: dict[str, object], *, close: bool = False) -> None:
     payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from live_transcription.rooms.joins import JoinReport
 from live_transcription.rooms.manager import RoomSummary
 
 
@@ -21,6 +22,9 @@ class HealthInputs:
     rss_bytes: int
     enabled: bool
     accepting: bool
+    joins: JoinReport | None = None
+    """Recent room joins: failures (with their cause) and joins stuck pending."""
+    rooms_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,9 @@ def assess(inputs: HealthInputs) -> Health:
         failing.append(f"STT engine {inputs.engine_name}: {inputs.engine_error}")
     if inputs.rooms and all(room.link_state in ("reconnecting", "closed") for room in inputs.rooms):
         failing.append("no room is connected to the HPB")
+    joins = inputs.joins
+    if joins is not None and joins.failing_for is not None:
+        failing.append(f"every HPB join failed for {joins.failing_for:.0f} s ({joins.cause})")
     reconnecting = [room for room in inputs.rooms if room.link_state == "reconnecting"]
     if reconnecting:
         degraded.append(f"{len(reconnecting)} room(s) reconnecting to the HPB")
@@ -50,6 +57,16 @@ def assess(inputs: HealthInputs) -> Health:
     stt_reconnecting = sum(room.speakers_reconnecting for room in inputs.rooms)
     if stt_reconnecting:
         degraded.append(f"{stt_reconnecting} STT stream(s) reconnecting")
+    if joins is not None and joins.failures and joins.failing_for is None:
+        degraded.append(
+            f"{joins.failures} HPB join(s) failed in the last {joins.window:.0f} s ({joins.cause})"
+        )
+    if joins is not None and joins.stalled:
+        degraded.append(
+            f"{joins.stalled} room(s) waiting more than {joins.stalled_after:.0f} s for the HPB to join them"
+        )
+    if inputs.rooms_cap and len(inputs.rooms) >= inputs.rooms_cap:
+        degraded.append(f"room cap of {inputs.rooms_cap} reached")
     waiting = sum(room.waiting_speakers for room in inputs.rooms)
     if inputs.speakers_active >= inputs.speakers_cap:
         degraded.append(f"speaker cap of {inputs.speakers_cap} reached")

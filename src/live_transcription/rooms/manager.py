@@ -19,6 +19,7 @@ from live_transcription import metrics
 from live_transcription.clock import Clock, MonotonicClock
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
+from live_transcription.rooms.joins import JoinHistory
 from live_transcription.rooms.room import (
     AddTarget,
     Leave,
@@ -46,6 +47,10 @@ class CapacityReached(RuntimeError):
 
 class ProviderFailure(RuntimeError):
     """The STT provider cannot work at all (e.g. rejected credentials)."""
+
+
+class JoinCancelled(RuntimeError):
+    """The room was left (leave, disable, shutdown) before the HPB accepted the join."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ class Manager:
         linger_seconds: float = 60.0,
         join_timeout: float = 30.0,
         max_rooms: int = 200,
+        max_targets_per_room: int = 1000,
         clock: Clock | None = None,
         provider_failure: Callable[[], str | None] = lambda: None,
     ) -> None:
@@ -87,13 +93,17 @@ class Manager:
         self.default_language = default_language if default_language in languages else next(iter(languages))
         self._linger_seconds = linger_seconds
         self._join_timeout = join_timeout
-        self._max_rooms = max_rooms
+        self.max_rooms = max_rooms
+        self._max_targets_per_room = max_targets_per_room
         self._clock = clock or MonotonicClock()
+        self.joins = JoinHistory(self._clock)
         self._provider_failure = provider_failure
         self._rooms: dict[str, Room] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._accepting = False
         self.rooms_opened = 0
+        """Rooms opened (join attempts); ``rooms_joined`` of them were joined."""
+        self.rooms_joined = 0
         self.rooms_closed = 0
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -109,7 +119,7 @@ class Manager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._accepting = False
+        self.stop_accepting()
         for room in list(self._rooms.values()):
             room.stop("shutdown")
         assert self._tasks is not None
@@ -145,14 +155,24 @@ class Manager:
             room = self._open(token, chosen)
         elif language is not None and language != room.language:
             await room.send(SetLanguage(chosen))
+        if (
+            not room.has_target(talk_session)
+            and room.target_count + room.adds_in_flight >= self._max_targets_per_room
+        ):
+            raise CapacityReached(f"cap of {self._max_targets_per_room} caption viewers per room reached")
         await room.send(AddTarget(talk_session))
         try:
             async with asyncio.timeout(self._join_timeout):
                 await room.wait_joined()
         except TimeoutError:
+            error = ports.HpbUnavailable("timed out joining the call through the HPB")
+            self.joins.failed(room, error)
             await self._give_up(room, "join-timeout")
-            raise ports.HpbUnavailable("timed out joining the call through the HPB") from None
+            raise error from None
         except ports.HpbUnavailable:
+            if room.closed_reason in _LEFT_ON_PURPOSE:
+                left = f"the call was left before it was joined ({room.closed_reason})"
+                raise JoinCancelled(left) from None
             raise
         return "transcription enabled for this session"
 
@@ -163,12 +183,25 @@ class Manager:
             raise NoSuchRoom("no active transcription in this room")
         await room.send(SetLanguage(chosen))
 
-    async def leave(self, token: str) -> bool:
+    async def leave(self, token: str, reason: str = "leave") -> bool:
+        """Leave the call; a join still pending is cancelled at once."""
         room = self._rooms.get(token)
         if room is None:
             return False
-        await room.send(Leave())
+        if room.joining:
+            self.joins.abandoned(room)
+            room.stop(reason)
+        else:
+            await room.send(Leave(reason))
         return True
+
+    def stop_accepting(self) -> None:
+        """Shutdown begins: no new room, and joins still pending are given up."""
+        self._accepting = False
+        for room in list(self._rooms.values()):
+            if room.joining:
+                self.joins.abandoned(room)
+                room.stop("shutdown")
 
     # --- views ------------------------------------------------------------------------------------
     def rooms(self) -> list[RoomSummary]:
@@ -207,8 +240,8 @@ class Manager:
     def _open(self, token: str, language: str) -> Room:
         if not self._accepting or self._tasks is None:
             raise CapacityReached("the service is shutting down")
-        if len(self._rooms) >= self._max_rooms:
-            raise CapacityReached(f"room cap of {self._max_rooms} reached")
+        if len(self._rooms) >= self.max_rooms:
+            raise CapacityReached(f"room cap of {self.max_rooms} reached")
         room = Room(
             token,
             language,
@@ -217,11 +250,15 @@ class Manager:
             admission=self.admission,
             clock=self._clock,
             linger_seconds=self._linger_seconds,
+            on_link_state=self.joins.link_state,
         )
         self._rooms[token] = room
         self.rooms_opened += 1
-        metrics.rooms_opened.inc()
+        self.joins.started(room)
+        room.add_join_callback(lambda error: self._join_settled(room, error))
         room.task = self._tasks.create_task(self._run_room(room), name=f"room-{token[:4]}")
+        # a callback, not a finally: a task cancelled before its first step runs no code
+        room.task.add_done_callback(lambda _: self._room_ended(room))
         return room
 
     async def _run_room(self, room: Room) -> None:
@@ -229,11 +266,22 @@ class Manager:
             await room.run()
         except Exception:
             log.exception("room task failed")
-        finally:
-            if self._rooms.get(room.token) is room:
-                del self._rooms[room.token]
-            self.rooms_closed += 1
-            metrics.rooms_closed.labels(room.closed_reason or "unknown").inc()
+
+    def _room_ended(self, room: Room) -> None:
+        if self._rooms.get(room.token) is room:
+            del self._rooms[room.token]
+        self.rooms_closed += 1
+        metrics.rooms_closed.labels(room.closed_reason or "unknown").inc()
+
+    def _join_settled(self, room: Room, error: BaseException | None) -> None:
+        if error is not None:
+            self.joins.failed(room, error)
+        elif self.joins.succeeded(room):
+            self.rooms_joined += 1
+            metrics.rooms_opened.inc()
 
     async def _give_up(self, room: Room, reason: str) -> None:
         room.stop(reason)
+
+
+_LEFT_ON_PURPOSE = ("leave", "disabled", "shutdown")

@@ -128,6 +128,7 @@ class Room:
         admission: Admission,
         clock: Clock,
         linger_seconds: float,
+        on_link_state: Callable[[Room, str], None] = lambda room, state: None,
     ) -> None:
         self.token = token
         self.language = language
@@ -136,6 +137,7 @@ class Room:
         self._admission = admission
         self._clock = clock
         self._linger_seconds = linger_seconds
+        self._on_link_state = on_link_state
 
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -204,7 +206,27 @@ class Room:
         """In call with audio but not captioned: a cap was reached."""
         return frozenset(self._wanted - self._speakers.keys() - self._reserved - self._unavailable)
 
+    @property
+    def joining(self) -> bool:
+        """The HPB has not accepted the join yet (nor has it failed)."""
+        return not self._joined.done()
+
+    def has_target(self, talk_session: str) -> bool:
+        return talk_session in self._targets
+
+    @property
+    def adds_in_flight(self) -> int:
+        return self._adds_in_flight
+
     # --- the Manager's side -----------------------------------------------------------------------
+    def add_join_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """``callback(None)`` once joined, ``callback(error)`` when joining failed."""
+
+        def settled(joined: asyncio.Future[None]) -> None:
+            callback(ports.HpbUnavailable("cancelled") if joined.cancelled() else joined.exception())
+
+        self._joined.add_done_callback(settled)
+
     async def wait_joined(self) -> None:
         """Return once the room is joined; raise ``HpbUnavailable`` if joining failed."""
         await asyncio.shield(self._joined)
@@ -233,6 +255,9 @@ class Room:
         if self.task is not None and not self._joined.done():
             self.closed_reason = reason
             self.task.cancel()
+            # settled here too: a task cancelled before its first step runs no finally
+            self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
+            self._joined.exception()
             return
         try:
             self._inbox.put_nowait(Leave(reason))
@@ -289,6 +314,7 @@ class Room:
             self._wanted.clear()
             self._link = None
             self.link_state = "closed"
+            self._on_link_state(self, "closed")
             if not self._joined.done():
                 self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
                 self._joined.exception()
@@ -406,6 +432,7 @@ class Room:
             case ports.LinkState(state):
                 self.link_state = state
                 self._pending_with_captions_since = None  # counted from connected
+                self._on_link_state(self, state)
         return None
 
     # --- speakers ---------------------------------------------------------------------------------

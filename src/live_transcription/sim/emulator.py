@@ -129,6 +129,7 @@ class HpbEmulator:
         self.hello_error: str | None = None  # e.g. "too_many_requests": refuse every hello
         self.reply_delay = 0.0
         self.accept_clients = True
+        self.silent = False  # a hung HPB: every message is recorded, none answered
         self._server: Server | None = None
         self._port = 0
         self._sessions: dict[str, _Session] = {}
@@ -320,7 +321,9 @@ class HpbEmulator:
                 except ValueError:
                     await ws.send(json.dumps(_error(None, "invalid_format", "bad JSON")))
                     continue
-                if msg.get("type") == "hello":
+                if self.silent:
+                    self._log.append((session.session_id if session else None, msg))
+                elif msg.get("type") == "hello":
                     session = await self._hello(ws, session, msg)
                     self._log.append((session.session_id if session else None, msg))
                 elif session is None:
