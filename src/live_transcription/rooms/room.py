@@ -194,6 +194,11 @@ class Room:
         return sum(1 for s in self._speakers.values() if getattr(s, "stt_reconnecting", False))
 
     @property
+    def translations(self) -> RoomTranslations | None:
+        """The room's translation worker while the room runs (None without a provider setup)."""
+        return self._translations
+
+    @property
     def translation_languages(self) -> frozenset[str]:
         """Target languages read by at least one target (not the room's own)."""
         return frozenset(lang for lang in self._reading.values() if lang != self.language)

@@ -70,9 +70,12 @@ def parse_task_types(data: object) -> TranslationLanguages:
     Raises ``NoTranslateTaskType`` when the translate task type is absent or
     offers no target language (Talk refuses an empty target list), and
     ``ValueError`` when the answer is not the expected shape."""
-    if not isinstance(data, dict) or not isinstance(data.get("types"), dict):
+    types = data.get("types") if isinstance(data, dict) else None
+    if types == []:  # PHP encodes an empty array as a list: no task type at all
+        types = {}
+    if not isinstance(types, dict):
         raise ValueError("task types: no 'types' object")
-    task_type = data["types"].get(TASK_TYPE)
+    task_type = types.get(TASK_TYPE)
     if task_type is None:
         raise NoTranslateTaskType(f"no {TASK_TYPE} task type")
     if not isinstance(task_type, dict):

@@ -56,3 +56,7 @@ class InOrder(Generic[K, T]):
         if stream is not None:
             return len(self._streams.get(stream, ()))
         return sum(len(queue) for queue in self._streams.values())
+
+    def held_back(self) -> int:
+        """Results known but waiting for an earlier one of their stream."""
+        return sum(1 for queue in self._streams.values() for entry in queue if entry[1] is not _PENDING)

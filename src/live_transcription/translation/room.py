@@ -97,6 +97,11 @@ class RoomTranslations:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def held_back(self) -> int:
+        """Translations done but waiting for an earlier final of their speaker."""
+        return self._order.held_back()
+
     # --- the room's side (synchronous, never blocks) --------------------------------------
     def on_final(self, speaker: str, text: str, room_language: str, targets: Collection[str]) -> None:
         wanted = frozenset(targets) - {room_language}
