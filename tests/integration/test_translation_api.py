@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -46,7 +47,7 @@ class Api:
         return await self.post("/api/v1/call/transcribe", body | extra)
 
     async def target(self, session: str, lang: str | None, room: str = ROOM) -> httpx.Response:
-        body = {"roomToken": room, "ncSessionId": session, "langId": lang}
+        body: dict[str, object] = {"roomToken": room, "ncSessionId": session, "langId": lang}
         return await self.post("/api/v1/translation/set-target-language", body)
 
 
@@ -80,7 +81,7 @@ async def api() -> AsyncIterator[Api]:
                 yield Api(client, fake, manager, clock)
 
 
-def talk_view(capabilities: dict[str, object]) -> dict[str, object] | None:
+def talk_view(capabilities: dict[str, Any]) -> dict[str, Any] | None:
     """What Talk reads: live_transcription -> features -> live_translation."""
     top = capabilities["live_transcription"]
     assert isinstance(top, dict)
