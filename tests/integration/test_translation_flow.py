@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from live_transcription.hpb.connection import HpbLinkFactory
 from live_transcription.hpb.ice import app_api_headers
@@ -234,3 +235,24 @@ async def test_a_new_room_language_retargets_translations(world: World) -> None:
         await fr.wait_for(lambda: len(finals(fr)) == 2)
         assert finals(fr)[-1] == ("fr", "[fr] hello again")  # their choice held
         assert world.room().translation_languages == {"fr", "de"}
+
+
+async def test_translations_unfinished_when_the_room_closes_are_counted(world: World) -> None:
+    world.fake.hold_when = lambda text: True
+    dropped = REGISTRY.get_sample_value(
+        "live_transcription_translations_dropped_total", {"reason": "shutdown"}
+    )
+    async with SimClient(world.hpb.url, ROOM, "talk-fr") as reader:
+        await world.manager.transcribe(ROOM, "talk-fr", True, "en")
+        await world.manager.set_target_language(ROOM, "talk-fr", "fr")
+        await world.viewers_ready()
+        alice = await world.alice()
+        alice.say("never back", True)
+        await world.fake.wait_for(lambda: len(world.fake.tasks) == 1)
+        await world.manager.leave(ROOM)
+        await until(lambda: world.manager.room(ROOM) is None, deadline=30)
+        after = REGISTRY.get_sample_value(
+            "live_transcription_translations_dropped_total", {"reason": "shutdown"}
+        )
+        assert after == (dropped or 0) + 1
+        assert finals(reader) == []

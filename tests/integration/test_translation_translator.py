@@ -23,6 +23,7 @@ from live_transcription.translation.translator import (
     Translator,
 )
 from tests.fakes.nextcloud_taskprocessing import BASE, FakeTaskProcessing
+from tests.waiting import until
 
 SECRET = "task-processing-secret"
 
@@ -174,3 +175,20 @@ async def test_without_nextcloud_translation_says_why_it_is_off() -> None:
         outcomes: list[Outcome] = []
         translator.submit(Job("x", "en", "fr", 0.0, outcomes.append))
         assert outcomes == [Dropped("no-provider")]
+
+
+async def test_rooms_translating_keep_the_provider_state_fresh_in_the_background(
+    fake: FakeTaskProcessing,
+) -> None:
+    clock = ManualClock()
+    fake.provider = False
+    async with translator_for(fake, clock=clock, ttl=60) as translator:
+        assert translator.current() is None  # starts a check, answers at once
+        await until(lambda: not translator.checking)
+        assert translator.current() is None  # known missing: no new request within the TTL
+        assert not translator.checking and len(fake.requests) == 1
+        fake.provider = True
+        await clock.advance(61)
+        assert translator.current() is None  # the check runs in the background
+        await until(lambda: not translator.checking)
+        assert translator.current() is not None and translator.checks == 2

@@ -268,6 +268,8 @@ class Room:
                         pump.cancel()
                         if translating is not None:
                             translating.cancel()
+                        if self._translations is not None:
+                            self._translations.close()
                         if self._linger_task is not None:
                             self._linger_task.cancel()
                         for speaker in self._speakers.values():

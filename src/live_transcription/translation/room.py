@@ -129,8 +129,20 @@ class RoomTranslations:
                 ):
                     self._release(item.speaker, item.target, started, outcome)
 
+    def close(self) -> None:
+        """The room ends: what was not delivered yet is counted as dropped."""
+        unfinished = self._order.pending()
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, _Final):
+                unfinished += len(item.targets)
+        self._finals_waiting = 0
+        self._order = InOrder()
+        if unfinished:
+            self._drop("shutdown", unfinished)
+
     def _start(self, final: _Final) -> None:
-        languages = self._translator.cached()
+        languages = self._translator.current()
         if languages is None:
             self._drop("no-provider", len(final.targets))
             return

@@ -119,6 +119,7 @@ class Translator:
         self._error: str | None = None
         self._checked_at: float | None = None
         self._inflight: asyncio.Future[None] | None = None
+        """The running check of the provider's languages, shared by every asker."""
         self._not_before = 0.0
         self._backoff = 0.0
         self.checks = 0
@@ -142,6 +143,8 @@ class Translator:
     ) -> None:
         for worker in self._workers:
             worker.cancel()
+        if self._inflight is not None:
+            self._inflight.cancel()
         assert self._tasks is not None
         try:
             await self._tasks.__aexit__(exc_type, exc, tb)
@@ -150,8 +153,6 @@ class Translator:
             self._workers.clear()
             while not self._queue.empty():
                 _resolve(self._queue.get_nowait(), Dropped("shutdown"))
-            if self._inflight is not None:
-                self._inflight.cancel()
 
     # --- languages and availability --------------------------------------------------------------
     @property
@@ -167,13 +168,27 @@ class Translator:
         """The last languages known to be served (no I/O)."""
         return self._languages if self.available else None
 
+    def current(self) -> TranslationLanguages | None:
+        """``cached()``, and a check in the background when the TTL ran out:
+        rooms translating keep the provider's state fresh without waiting."""
+        if self._backend is not None and self._tasks is not None and self._stale() and self._inflight is None:
+            self._inflight = self._tasks.create_task(self._check(), name="translator-check")
+        return self.cached()
+
+    @property
+    def checking(self) -> bool:
+        """A check of the provider's languages is running."""
+        return self._inflight is not None
+
+    def _stale(self) -> bool:
+        return self._checked_at is None or self._clock.now() - self._checked_at >= self._ttl
+
     async def languages(self) -> TranslationLanguages:
         """The provider's languages, from the cache while fresh. Raises
         ``TranslationUnavailable`` or ``TranslationTemporarilyUnavailable``."""
         if self._backend is None:
             raise TranslationUnavailable(self._off_reason)
-        now = self._clock.now()
-        if self._checked_at is None or now - self._checked_at >= self._ttl:
+        if self._stale():
             if self._inflight is None:
                 self._inflight = asyncio.ensure_future(self._check())
             await asyncio.shield(self._inflight)
@@ -192,7 +207,7 @@ class Translator:
         except NoTranslateTaskType as exc:
             self._set_missing(f"no translation provider in Nextcloud ({exc})")
             self._checked_at = self._clock.now()
-        except (TaskProcessingError, ValueError) as exc:
+        except Exception as exc:  # bad answer, network, 5xx, 429
             # keep what was known; ask again soon
             self._error = f"cannot read the translation languages: {exc}"
             log.warning("%s", self._error)
