@@ -171,9 +171,17 @@ class Translator:
     def current(self) -> TranslationLanguages | None:
         """``cached()``, and a check in the background when the TTL ran out:
         rooms translating keep the provider's state fresh without waiting."""
-        if self._backend is not None and self._tasks is not None and self._stale() and self._inflight is None:
-            self._inflight = self._tasks.create_task(self._check(), name="translator-check")
+        if self._backend is not None and self._stale():
+            self._start_check()
         return self.cached()
+
+    def _start_check(self) -> asyncio.Future[None]:
+        if self._inflight is None:
+            if self._tasks is not None:
+                self._inflight = self._tasks.create_task(self._check(), name="translator-check")
+            else:  # not entered (a bare Translator in a test): nothing to own it
+                self._inflight = asyncio.ensure_future(self._check())
+        return self._inflight
 
     @property
     def checking(self) -> bool:
@@ -189,9 +197,7 @@ class Translator:
         if self._backend is None:
             raise TranslationUnavailable(self._off_reason)
         if self._stale():
-            if self._inflight is None:
-                self._inflight = asyncio.ensure_future(self._check())
-            await asyncio.shield(self._inflight)
+            await asyncio.shield(self._start_check())
         if self._missing is not None:
             raise TranslationUnavailable(self._missing)
         if self._languages is None:
