@@ -81,8 +81,9 @@ class FakeTask:
             return "STATUS_RUNNING"
         return "STATUS_FAILED" if self.fail else "STATUS_SUCCESSFUL"
 
-    def as_json(self, now: float) -> dict[str, Any]:
-        status = self.status(now)
+    def as_json(self, now: float, *, just_scheduled: bool = False) -> dict[str, Any]:
+        # Nextcloud answers a schedule with the task as stored: always scheduled
+        status = "STATUS_SCHEDULED" if just_scheduled else self.status(now)
         done = status in ("STATUS_SUCCESSFUL", "STATUS_FAILED")
         return {
             "id": self.id,
@@ -286,7 +287,7 @@ class FakeTaskProcessing:
             output=self.translate(text, origin, target),
         )
         self.tasks[task.id] = task
-        return self._ocs(200, {"task": task.as_json(now)})
+        return self._ocs(200, {"task": task.as_json(now, just_scheduled=True)})
 
     async def _task(self, request: web.Request) -> web.Response:
         if (refused := self._check(request)) is not None:

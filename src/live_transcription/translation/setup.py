@@ -30,7 +30,7 @@ async def translation_from_settings(
                 app_id=settings.app_id,
                 app_version=settings.app_version,
                 app_secret=settings.app_secret.get_secret_value(),
-            )
+            ) | {"User-Agent": f"ExApp/{settings.app_id}/{settings.app_version}"}  # as nc_py_api names itself
             backend = await stack.enter_async_context(
                 TaskProcessingClient(
                     settings.nextcloud_url,
