@@ -3,12 +3,14 @@ the Task Processing stand-in as Nextcloud."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+from aiortc import RTCIceServer
 
 from live_transcription.api.app import Runtime, create_app
 from live_transcription.clock import ManualClock
@@ -16,6 +18,7 @@ from live_transcription.config import load_settings
 from live_transcription.hpb.ice import app_api_headers
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.manager import Manager
+from live_transcription.service import running_service
 from live_transcription.stt.base import Language
 from live_transcription.translation.ocs import TaskProcessingClient
 from live_transcription.translation.room import TranslationSetup
@@ -215,3 +218,48 @@ async def test_without_a_translation_setup_everything_says_550() -> None:
             assert (
                 await client.post("/api/v1/call/transcribe", json=body, headers=auth())
             ).status_code == 550
+
+
+async def test_the_service_translates_through_nextcloud_url_with_its_app_secret() -> None:
+    async with FakeTaskProcessing(app_secret=SECRET) as fake:
+        settings = load_settings(
+            APP_SECRET=SECRET,
+            NEXTCLOUD_URL=fake.url,
+            LT_HPB_URL="https://hpb.example",
+            LT_INTERNAL_SECRET="i",
+            LT_STT_ENGINE="instant",
+        )
+        async with running_service(
+            settings, link_factory=LinkFactory(), ice_servers=no_ice_servers
+        ) as runtime:
+            app = create_app(runtime)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://x"
+            ) as client:
+                languages = talk_view((await client.get("/capabilities", headers=auth())).json())
+        assert languages is not None and "fr" in languages["target_languages"]
+        assert fake.refused == 0 and fake.requests
+
+
+async def test_without_nextcloud_url_the_service_runs_with_translation_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = load_settings(
+        APP_SECRET=SECRET, LT_HPB_URL="https://hpb.example", LT_INTERNAL_SECRET="i", LT_STT_ENGINE="instant"
+    )
+    with caplog.at_level(logging.INFO):
+        async with running_service(
+            settings, link_factory=LinkFactory(), ice_servers=no_ice_servers
+        ) as runtime:
+            app = create_app(runtime)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://x"
+            ) as client:
+                assert talk_view((await client.get("/capabilities", headers=auth())).json()) is None
+                response = await client.get("/api/v1/translation/languages", headers=auth())
+    assert response.status_code == 550 and "NEXTCLOUD_URL" in response.json()["error"]
+    assert any("live translation off" in r.getMessage() for r in caplog.records)
+
+
+async def no_ice_servers() -> list[RTCIceServer]:
+    return []
