@@ -102,3 +102,5 @@ async def test_closing_counts_everything_undelivered(setup: Setup) -> None:
     await until(lambda: setup.translations.held_back == 1)
     setup.translations.close()
     assert setup.translations.stats.dropped == 2 and setup.delivered == []
+    setup.translations.on_final("alice", "flushed at the end", "en", {"fr"})
+    assert setup.translations.stats.dropped == 3 and len(setup.tasks.inputs) == 2

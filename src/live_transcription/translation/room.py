@@ -92,6 +92,7 @@ class RoomTranslations:
         self._in_flight = 0
         self._order: InOrder[tuple[str, str], tuple[float, Outcome]] = InOrder()
         self.stats = TranslationStats()
+        self._closed = False
 
     @property
     def in_flight(self) -> int:
@@ -109,6 +110,9 @@ class RoomTranslations:
             return
         self.stats.requested += len(wanted)
         metrics.translations_requested.inc(len(wanted))
+        if self._closed:  # the room's last words, flushed as it ends
+            self._drop("shutdown", len(wanted))
+            return
         if self._finals_waiting >= FINALS_WAITING:
             self._drop("room-busy", len(wanted))
             return
@@ -131,6 +135,7 @@ class RoomTranslations:
 
     def close(self) -> None:
         """The room ends: what was not delivered yet is counted as dropped."""
+        self._closed = True
         unfinished = self._order.pending()
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
