@@ -19,6 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     sfu.add_argument("--janus", dest="janus", action="store_true", default=None, help="require Janus")
     sfu.add_argument("--no-janus", dest="janus", action="store_false", help="direct WebRTC, no SFU")
     demo.add_argument("--log-level", default="ERROR", help="service log level (default ERROR)")
+    demo.add_argument(
+        "--translate-to",
+        metavar="LANG",
+        default=None,
+        help="a second viewer reads the captions translated into LANG: through the Nextcloud at "
+        "NEXTCLOUD_URL (with APP_SECRET) when set, else through a labelled stand-in provider",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         from live_transcription.api.server import serve  # noqa: PLC0415 - keep --help fast
@@ -32,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.log_level.upper(), "text")
         try:
             result = event_loop.run(
-                run_demo(use_janus=args.janus, language=args.language, log_level=args.log_level),
+                run_demo(
+                    use_janus=args.janus,
+                    language=args.language,
+                    log_level=args.log_level,
+                    translate_to=args.translate_to,
+                ),
                 os.environ.get("LT_EVENT_LOOP", "uvloop"),
                 int(os.environ.get("LT_UDP_TICK_MS", event_loop.DEFAULT_UDP_TICK_MS)),
             )

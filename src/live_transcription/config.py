@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     max_targets_per_room: int = Field(1000, alias="LT_MAX_TARGETS_PER_ROOM", ge=1)
     memory_limit_mb: int = Field(0, alias="LT_MEMORY_LIMIT_MB", ge=0)
     default_language: str = Field("en", alias="LT_DEFAULT_LANGUAGE")
+
+    # --- Live translation (Nextcloud Task Processing; needs NEXTCLOUD_URL and APP_SECRET) ---
+    translation_timeout_seconds: float = Field(15.0, alias="LT_TRANSLATION_TIMEOUT_SECONDS", gt=0, le=300)
+    translation_languages_ttl_seconds: float = Field(
+        300.0, alias="LT_TRANSLATION_LANGUAGES_TTL_SECONDS", gt=0
+    )
+    translation_max_tasks: int = Field(16, alias="LT_TRANSLATION_MAX_TASKS", ge=1, le=256)
+    translation_max_tasks_per_room: int = Field(8, alias="LT_TRANSLATION_MAX_TASKS_PER_ROOM", ge=1, le=256)
     event_loop: str = Field("uvloop", alias="LT_EVENT_LOOP", pattern="^(uvloop|asyncio)$")
     udp_tick_ms: int = Field(10, alias="LT_UDP_TICK_MS", ge=0, le=40)
     # --- HTTP front (slow and hostile clients, shutdown) ---------------------------
@@ -162,6 +170,15 @@ class Settings(BaseSettings):
         if self.modal_url:
             return self.modal_url
         return f"wss://{self.modal_workspace}--{self.modal_app_label}.modal.run/v1/stream"
+
+    def missing_for_translation(self) -> list[str]:
+        """Variables that live translation needs and that are not set."""
+        missing = []
+        if not self.nextcloud_url:
+            missing.append("NEXTCLOUD_URL")
+        if not self.app_secret.get_secret_value():
+            missing.append("APP_SECRET")
+        return missing
 
     def missing_for_calls(self) -> list[str]:
         """Variables that joining a call needs and that are not set."""

@@ -86,6 +86,37 @@ caption_latency = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
 )
 
+translations_requested = Counter(
+    f"{PREFIX}_translations_requested",
+    "Translations wanted: one per final caption and target language with readers",
+)
+translations_delivered = Counter(
+    f"{PREFIX}_translations_delivered", "Translated finals sent to their readers (one per language)"
+)
+translations_dropped = Counter(
+    f"{PREFIX}_translations_dropped", "Translations not delivered, by reason", ["reason"]
+)
+translation_latency = Histogram(
+    f"{PREFIX}_translation_latency_seconds",
+    "From a final caption to its translation leaving for the HPB",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0),
+)
+translation_available = Gauge(
+    f"{PREFIX}_translation_available", "1 while a Nextcloud translation provider is available"
+)
+TRANSLATION_DROP_REASONS = (
+    "late",
+    "failed",
+    "error",
+    "no-provider",
+    "unsupported",
+    "rate-limited",
+    "process-busy",
+    "room-busy",
+    "no-listener",
+    "shutdown",
+)
+
 
 # Known label values exist from the start, so a scrape shows 0 rather than
 # nothing: "no drops" must be told apart from "not instrumented".
@@ -101,6 +132,8 @@ for _kind in ("partial", "final"):
     captions_sent.labels(_kind)
 for _reason in ("header-timeout", "body-timeout", "evicted", "refused"):
     http_connections_closed.labels(_reason)
+for _reason in TRANSLATION_DROP_REASONS:
+    translations_dropped.labels(_reason)
 for _kind in ("received", "silent", "skipped", "decoded", "lost", "late", "concealed", "decode-error"):
     audio_packets.labels(_kind)
 
@@ -169,6 +202,34 @@ class _LiveObjectsCollector:
 
 
 REGISTRY.register(_LiveObjectsCollector())
+
+
+class _TranslationCollector:
+    """Target languages being read and their readers, at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[int, int]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        languages, readers = self.source() if self.source is not None else (0, 0)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_translation_languages",
+            "Target languages with at least one reader, summed over rooms",
+            value=languages,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_translation_readers", "Participants reading captions translated", value=readers
+        )
+
+
+_translation = _TranslationCollector()
+REGISTRY.register(_translation)
+
+
+def observe_translation(source: Callable[[], tuple[int, int]] | None) -> None:
+    """Point the translation gauges at the running service: ``source()``
+    returns (languages in use, readers)."""
+    _translation.source = source
 
 
 def observe_state(source: Callable[[], StateSnapshot] | None) -> None:

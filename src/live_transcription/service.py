@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -30,6 +30,8 @@ from live_transcription.rooms.room import SpeakerContext, SpeakerSession
 from live_transcription.rooms.speaker import Speaker
 from live_transcription.stt.base import SttEngine
 from live_transcription.stt.factory import create_engine
+from live_transcription.translation.setup import translation_from_settings
+from live_transcription.translation.translator import TaskBackend
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +128,12 @@ async def running_service(
     engine: SttEngine | None = None,
     link_factory: ports.CallLinkFactory | None = None,
     ice_servers: Callable[[], Any] | None = None,
+    translation_backend: TaskBackend | None = None,
 ) -> AsyncIterator[Runtime]:
     """The whole service; the keyword arguments replace parts in tests."""
     engine = engine or create_engine(settings)
     process = psutil.Process()
+    stack = AsyncExitStack()
     try:
         languages = engine.languages()
         admission = Admission(
@@ -150,6 +154,9 @@ async def running_service(
                 max_caption_seconds=settings.max_caption_seconds,
             )
 
+        translation = await stack.enter_async_context(
+            translation_from_settings(settings, backend=translation_backend)
+        )
         manager = Manager(
             link_factory=link_factory or HpbLinkFactory.from_settings(settings),
             speaker_factory=make_speaker,
@@ -160,8 +167,10 @@ async def running_service(
             max_rooms=settings.max_rooms,
             max_targets_per_room=settings.max_targets_per_room,
             provider_failure=engine.failure,
+            translation=translation,
         )
         metrics.observe_state(lambda: _snapshot(manager))
+        metrics.observe_translation(manager.translation_in_use)
         async with manager:
             log.info("service ready: engine %s, languages %s", engine.name, ", ".join(sorted(languages)))
 
@@ -179,6 +188,8 @@ async def running_service(
             log.info("shutting down: leaving %d room(s)", len(manager.rooms()))
     finally:
         metrics.observe_state(None)
+        metrics.observe_translation(None)
+        await stack.aclose()
         await engine.aclose()
 
 

@@ -29,3 +29,19 @@ async def test_demo_prints_live_captions_of_every_speaker(monkeypatch: pytest.Mo
         mine = [c for c in result.captions if c.speaker == speaker]
         assert not mine[0].final and mine[-1].final
     assert "no STUN/TURN" not in printed
+    assert "live translation: off" in printed and result.translations == []
+
+
+async def test_demo_shows_a_viewer_reading_a_translation(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LT_STT_ENGINE", "MODAL_WORKSPACE", "MODAL_KEY", "MODAL_SECRET", "LT_MODAL_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("NEXTCLOUD_URL", "APP_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    out = io.StringIO()
+    result = await run_demo(out=out, tail_seconds=4.0, translate_to="fr")
+    printed = out.getvalue()
+    assert "STAND-IN provider" in printed  # never passed off as a real translation
+    originals = result.finals()
+    assert len(result.translations) == len(originals) >= 2
+    assert sorted(c.text for c in result.translations) == sorted(f"[fr] {text}" for text in originals)
+    assert "->fr Alice: [fr] " in printed

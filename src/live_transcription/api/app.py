@@ -34,13 +34,21 @@ from live_transcription.rooms.manager import (
     JoinCancelled,
     Manager,
     NoSuchRoom,
+    NotCaptioned,
     ProviderFailure,
     UnsupportedLanguage,
+)
+from live_transcription.translation.languages import TranslationLanguages
+from live_transcription.translation.translator import (
+    TranslationTemporarilyUnavailable,
+    TranslationUnavailable,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
+CAPABILITY_CHECK_SECONDS = 5.0
+"""Longest /capabilities waits for Nextcloud's translation languages."""
 OPEN_PATHS = ("/heartbeat", "/healthz", "/readyz", "/metrics")
 _PROCESS = psutil.Process()
 
@@ -94,6 +102,13 @@ class TranscribeBody(_Body):
     roomToken: _TOKEN
     ncSessionId: _SESSION
     enable: StrictBool = True
+    langId: _LANG | None = None
+    translationTargetLangId: _LANG | None = None
+
+
+class SetTargetLanguageBody(_Body):
+    roomToken: _TOKEN
+    ncSessionId: _SESSION
     langId: _LANG | None = None
 
 
@@ -163,13 +178,16 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/capabilities")
     async def capabilities() -> dict[str, object]:
-        return {
-            "live_transcription": {
-                "version": settings.app_version,
-                "features": ["live_transcription"],
-                "live_transcription": {"supported_languages": _languages(manager)},
-            }
+        body: dict[str, object] = {
+            "version": settings.app_version,
+            "features": ["live_transcription"],
+            "live_transcription": {"supported_languages": _languages(manager)},
         }
+        translation = await _translation_languages(manager)
+        if translation is not None:  # only while a provider serves at least one target
+            body["features"] = ["live_transcription", "live_translation"]
+            body["live_translation"] = {"supported_translation_languages": translation.as_talk()}
+        return {"live_transcription": body}
 
     # --- Talk's API -------------------------------------------------------------------------------
     @app.get("/api/v1/languages")
@@ -181,9 +199,19 @@ def create_app(runtime: Runtime) -> FastAPI:
         if not runtime.enabled and body.enable:
             return _error(503, "the app is disabled")
         try:
-            message = await manager.transcribe(body.roomToken, body.ncSessionId, body.enable, body.langId)
+            message = await manager.transcribe(
+                body.roomToken,
+                body.ncSessionId,
+                body.enable,
+                body.langId,
+                translate_to=body.translationTargetLangId if body.enable else None,
+            )
         except UnsupportedLanguage as exc:
             return _error(400, str(exc))
+        except TranslationUnavailable as exc:
+            return _error(550, f"translation provider unavailable: {exc}")
+        except NotCaptioned as exc:
+            return _error(412, str(exc))
         except ports.HpbUnavailable as exc:
             cause = describe_failure(exc)
             # the details (exception chain) for the operator, plain words for Talk;
@@ -210,6 +238,37 @@ def create_app(runtime: Runtime) -> FastAPI:
         except NoSuchRoom as exc:
             return _error(404, str(exc))
         return {"message": f"language set to {body.langId}"}
+
+    @app.get("/api/v1/translation/languages", response_model=None)
+    async def translation_languages(
+        roomToken: Annotated[str | None, Query(max_length=128, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+    ) -> JSONResponse | dict[str, object]:
+        translation = manager.translation
+        if translation is None:
+            return _error(550, "translation is not configured")
+        try:
+            languages = await translation.translator.languages()
+        except TranslationUnavailable as exc:
+            return _error(550, f"translation provider unavailable: {exc}")
+        except TranslationTemporarilyUnavailable as exc:
+            return _error(500, str(exc))
+        return languages.as_talk()
+
+    @app.post("/api/v1/translation/set-target-language", response_model=None)
+    async def set_target_language(body: SetTargetLanguageBody) -> JSONResponse | dict[str, str]:
+        try:
+            await manager.set_target_language(body.roomToken, body.ncSessionId, body.langId)
+        except NoSuchRoom as exc:
+            return _error(404, str(exc))
+        except TranslationUnavailable as exc:
+            return _error(550, f"translation provider unavailable: {exc}")
+        except UnsupportedLanguage as exc:
+            return _error(400, str(exc))
+        except NotCaptioned as exc:
+            return _error(412, str(exc))
+        if body.langId is None:
+            return {"message": "translation disabled for this session"}
+        return {"message": f"translating into {body.langId} for this session"}
 
     @app.post("/api/v1/call/leave", response_model=None)
     async def leave(body: LeaveBody) -> JSONResponse | dict[str, str]:
@@ -258,6 +317,19 @@ def create_app(runtime: Runtime) -> FastAPI:
         open_paths=OPEN_PATHS,
     )
     return app
+
+
+async def _translation_languages(manager: Manager) -> TranslationLanguages | None:
+    """The provider's languages, or None while translation is off (no provider,
+    Nextcloud unreachable, or no answer within CAPABILITY_CHECK_SECONDS)."""
+    if manager.translation is None:
+        return None
+    try:
+        async with asyncio.timeout(CAPABILITY_CHECK_SECONDS):
+            languages = await manager.translation.translator.languages()
+    except (TranslationUnavailable, TranslationTemporarilyUnavailable, TimeoutError):
+        return manager.translation.translator.cached()
+    return languages if languages.target else None
 
 
 def _languages(manager: Manager) -> dict[str, object]:

@@ -26,9 +26,12 @@ from live_transcription.rooms.room import (
     RemoveTarget,
     Room,
     SetLanguage,
+    SetTranslation,
     SpeakerFactory,
 )
 from live_transcription.stt.base import Language
+from live_transcription.translation.room import TranslationSetup
+from live_transcription.translation.translator import TranslationUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,10 @@ class ProviderFailure(RuntimeError):
 
 class JoinCancelled(RuntimeError):
     """The room was left (leave, disable, shutdown) before the HPB accepted the join."""
+
+
+class NotCaptioned(LookupError):
+    """The participant has not enabled captions in that room (Talk gets 412)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,7 @@ class Manager:
         max_targets_per_room: int = 1000,
         clock: Clock | None = None,
         provider_failure: Callable[[], str | None] = lambda: None,
+        translation: TranslationSetup | None = None,
     ) -> None:
         self._link_factory = link_factory
         self._speaker_factory = speaker_factory
@@ -98,6 +106,7 @@ class Manager:
         self._clock = clock or MonotonicClock()
         self.joins = JoinHistory(self._clock)
         self._provider_failure = provider_failure
+        self.translation = translation
         self._rooms: dict[str, Room] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._accepting = False
@@ -136,9 +145,15 @@ class Manager:
         return language
 
     async def transcribe(
-        self, token: str, talk_session: str, enable: bool, language: str | None = None
+        self,
+        token: str,
+        talk_session: str,
+        enable: bool,
+        language: str | None = None,
+        translate_to: str | None = None,
     ) -> str:
-        """Add or remove one target; opens the room on the first target."""
+        """Add or remove one target; opens the room on the first target.
+        ``translate_to``: the target reads captions translated into it."""
         if not enable:
             room = self._rooms.get(token)
             if room is None:
@@ -147,6 +162,11 @@ class Manager:
             return "transcription disabled for this session"
 
         chosen = self.check_language(language)
+        if translate_to is not None:
+            current = self._rooms.get(token)
+            await self.check_translation(
+                translate_to, current.language if current and not language else chosen
+            )
         failure = self._provider_failure()
         if failure is not None:
             raise ProviderFailure(failure)
@@ -174,6 +194,8 @@ class Manager:
                 left = f"the call was left before it was joined ({room.closed_reason})"
                 raise JoinCancelled(left) from None
             raise
+        if translate_to is not None:
+            await self._set_translation(room, talk_session, translate_to)
         return "transcription enabled for this session"
 
     async def set_language(self, token: str, language: str) -> None:
@@ -182,6 +204,55 @@ class Manager:
         if room is None:
             raise NoSuchRoom("no active transcription in this room")
         await room.send(SetLanguage(chosen))
+
+    async def check_translation(self, target: str, room_language: str) -> None:
+        """Raise ``TranslationUnavailable`` (no provider) or ``UnsupportedLanguage``
+        (not offered, or the room's own language)."""
+        if self.translation is None:
+            raise TranslationUnavailable("translation is not configured")
+        try:
+            languages = await self.translation.translator.languages()
+        except TranslationUnavailable:
+            raise
+        except Exception as exc:  # cannot tell now: Talk treats 550 as "not supported"
+            raise TranslationUnavailable(str(exc)) from exc
+        if target == room_language:
+            raise UnsupportedLanguage(f"{target!r} is already the language of the call")
+        if target not in languages.target:
+            raise UnsupportedLanguage(f"translation into {target!r} is not offered by the provider")
+        if languages.origin_for(room_language) is None:
+            raise UnsupportedLanguage(f"the provider cannot translate from {room_language!r}")
+
+    async def set_target_language(self, token: str, talk_session: str, target: str | None) -> None:
+        """One target reads captions translated into ``target`` (None: the originals)."""
+        room = await self._current(token)
+        if room is None:
+            raise NoSuchRoom("no active transcription in this room")
+        if target is not None:
+            await self.check_translation(target, room.language)
+        await self._set_translation(room, talk_session, target)
+
+    async def _set_translation(self, room: Room, talk_session: str, target: str | None) -> None:
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        await room.send(SetTranslation(talk_session, target, reply))
+        try:
+            async with asyncio.timeout(self._join_timeout):
+                answer = await reply
+        except TimeoutError:
+            answer = "room-closed"
+        if answer == "room-closed":
+            raise NoSuchRoom("no active transcription in this room")
+        if answer == "not-a-target":
+            raise NotCaptioned("this participant has not enabled captions in this room")
+        if answer == "same-language":
+            raise UnsupportedLanguage(f"{target!r} is already the language of the call")
+
+    def translation_in_use(self) -> tuple[int, int]:
+        """(target languages read, readers), summed over rooms."""
+        return (
+            sum(len(room.translation_languages) for room in self._rooms.values()),
+            sum(room.translation_readers for room in self._rooms.values()),
+        )
 
     async def leave(self, token: str, reason: str = "leave") -> bool:
         """Leave the call; a join still pending is cancelled at once."""
@@ -251,6 +322,7 @@ class Manager:
             clock=self._clock,
             linger_seconds=self._linger_seconds,
             on_link_state=self.joins.link_state,
+            translation=self.translation,
         )
         self._rooms[token] = room
         self.rooms_opened += 1

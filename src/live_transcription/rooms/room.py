@@ -21,6 +21,7 @@ from live_transcription.logs import fields, short_token
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.targets import TargetBook
+from live_transcription.translation.room import RoomTranslations, TranslationSetup
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,16 @@ class SetLanguage:
 
 
 @dataclass(frozen=True, slots=True)
+class SetTranslation:
+    """A target reads captions translated into ``language`` (None: the
+    originals). ``reply`` gets ``ok``, ``not-a-target`` or ``same-language``."""
+
+    talk_session: str
+    language: str | None
+    reply: asyncio.Future[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Leave:
     reason: str = "leave"
 
@@ -104,7 +115,7 @@ class _SpeakerEnded:
     speaker: SpeakerSession
 
 
-Command = AddTarget | RemoveTarget | SetLanguage | Leave
+Command = AddTarget | RemoveTarget | SetLanguage | SetTranslation | Leave
 _Item = Command | ports.CallEvent | _LingerExpired | _LinkClosed | _SpeakerEnded
 
 
@@ -129,6 +140,7 @@ class Room:
         clock: Clock,
         linger_seconds: float,
         on_link_state: Callable[[Room, str], None] = lambda room, state: None,
+        translation: TranslationSetup | None = None,
     ) -> None:
         self.token = token
         self.language = language
@@ -147,6 +159,9 @@ class Room:
         self._reserved: set[str] = set()  # offer requested, slot held, not arrived yet
         self._unavailable: set[str] = set()  # the HPB refused their offer: not asked again
         self._speakers: dict[str, SpeakerSession] = {}
+        self._translation = translation
+        self._translations: RoomTranslations | None = None
+        self._reading: dict[str, str] = {}  # target (Talk session) -> language it reads
         self._linger_generation = 0
         self._linger_task: asyncio.Task[None] | None = None
         self.link_state = "connecting"
@@ -200,6 +215,20 @@ class Room:
         """Speakers whose STT stream is retrying its connection (sessions
         without an STT stream of their own, like test fakes, report none)."""
         return sum(1 for s in self._speakers.values() if getattr(s, "stt_reconnecting", False))
+
+    @property
+    def translations(self) -> RoomTranslations | None:
+        """The room's translation worker while the room runs (None without a provider setup)."""
+        return self._translations
+
+    @property
+    def translation_languages(self) -> frozenset[str]:
+        """Target languages read by at least one target (not the room's own)."""
+        return frozenset(lang for lang in self._reading.values() if lang != self.language)
+
+    @property
+    def translation_readers(self) -> int:
+        return sum(1 for lang in self._reading.values() if lang != self.language)
 
     @property
     def waiting_speakers(self) -> frozenset[str]:
@@ -278,10 +307,15 @@ class Room:
                     self._joined.set_result(None)
                 async with asyncio.TaskGroup() as tasks:
                     pump = tasks.create_task(self._pump(link), name=f"room-pump-{self.token}")
+                    translating = self._start_translations(tasks)
                     try:
                         await self._main(tasks)
                     finally:
                         pump.cancel()
+                        if translating is not None:
+                            translating.cancel()
+                        if self._translations is not None:
+                            self._translations.close()
                         if self._linger_task is not None:
                             self._linger_task.cancel()
                         for speaker in self._speakers.values():
@@ -304,7 +338,9 @@ class Room:
             # what nobody will read any more; speakers' end notices hold the
             # speakers, which hold this room (a cycle otherwise)
             while not self._inbox.empty():
-                self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
+                if isinstance(item, SetTranslation) and not item.reply.done():
+                    item.reply.set_result("room-closed")
             # speakers that ended during shutdown never reached the main loop
             for _ in range(len(self._speakers) + len(self._reserved)):
                 self._admission.release()
@@ -312,6 +348,8 @@ class Room:
             self._reserved.clear()
             self._unavailable.clear()
             self._wanted.clear()
+            self._reading.clear()
+            self._translations = None
             self._link = None
             self.link_state = "closed"
             self._on_link_state(self, "closed")
@@ -349,8 +387,12 @@ class Room:
                 self._restart_linger(tasks)
             case RemoveTarget(talk_session):
                 self._targets.remove(talk_session)
+                self._reading.pop(talk_session, None)
                 self._restart_linger(tasks)
                 self._delivery_settled()
+            case SetTranslation(talk_session, language, reply):
+                if not reply.done():
+                    reply.set_result(self._set_translation(talk_session, language))
             case SetLanguage(language):
                 if language != self.language:
                     log.info(
@@ -379,7 +421,9 @@ class Room:
                         self._request_offer(session_id)
                 self._offer_to_waiting()
             case ports.SessionMap(added, removed):
-                if self._targets.apply_mapping(added, removed):
+                if gone := self._targets.apply_mapping(added, removed):
+                    for talk_session in gone:
+                        self._reading.pop(talk_session, None)
                     self._restart_linger(tasks)
                 self._delivery_settled()
             case ports.SpeakerJoined(session_id):
@@ -537,11 +581,21 @@ class Room:
 
     def _publish(self, speaker: str, text: str, final: bool) -> None:
         link = self._link
-        targets = self._targets.resolved()
+        resolved = self._targets.resolved_by_talk()
         self._watch_delivery()
+        # a target reading a translation no longer gets the originals
+        targets = [
+            hpb for talk, hpb in resolved.items() if self._reading.get(talk, self.language) == self.language
+        ]
+        translated = {
+            lang for talk, lang in self._reading.items() if talk in resolved and lang != self.language
+        }
+        if final and translated and self._translations is not None:
+            self._translations.on_final(speaker, text, self.language, translated)
         if link is None or not targets:
-            self.stats.captions_without_target += 1
-            metrics.captions_dropped.labels("no-target").inc()
+            if not translated:
+                self.stats.captions_without_target += 1
+                metrics.captions_dropped.labels("no-target").inc()
             return
         link.send_transcript(targets, speaker, text, final, self.language)
         self.stats.captions_sent += 1
@@ -573,6 +627,46 @@ class Room:
                 DELIVERY_STALL_SECONDS,
                 extra=fields(self.token),
             )
+
+    # --- translation --------------------------------------------------------------------------------
+    def _start_translations(self, tasks: asyncio.TaskGroup) -> asyncio.Task[None] | None:
+        if self._translation is None:
+            return None
+        self._translations = RoomTranslations(
+            self.token,
+            self._translation.translator,
+            self._deliver_translation,
+            clock=self._clock,
+            timeout=self._translation.timeout,
+            max_jobs=self._translation.max_jobs,
+        )
+        return tasks.create_task(self._translations.run(), name=f"room-translations-{self.token}")
+
+    def _set_translation(self, talk_session: str, language: str | None) -> str:
+        if talk_session not in self._targets:
+            return "not-a-target"
+        if language is None:
+            self._reading.pop(talk_session, None)
+            return "ok"
+        if language == self.language:
+            return "same-language"
+        self._reading[talk_session] = language
+        return "ok"
+
+    def _deliver_translation(self, speaker: str, language: str, text: str) -> int:
+        """Send a translated final to the targets reading ``language`` now
+        (a target that switched back to the originals gets nothing more)."""
+        link = self._link
+        if link is None or language == self.language:
+            return 0
+        readers = [
+            hpb
+            for talk, hpb in self._targets.resolved_by_talk().items()
+            if self._reading.get(talk) == language
+        ]
+        if readers:
+            link.send_transcript(readers, speaker, text, True, language)
+        return len(readers)
 
     # --- lingering --------------------------------------------------------------------------------
     def _restart_linger(self, tasks: asyncio.TaskGroup) -> None:

@@ -54,6 +54,10 @@ class TargetBook:
         """HPB session ids of the targets whose mapping is known."""
         return [self._hpb_by_talk[talk] for talk in sorted(self._targets) if talk in self._hpb_by_talk]
 
+    def resolved_by_talk(self) -> dict[str, str]:
+        """Talk session id -> HPB session id, for the targets whose mapping is known."""
+        return {talk: self._hpb_by_talk[talk] for talk in sorted(self._targets) if talk in self._hpb_by_talk}
+
     @property
     def pending(self) -> set[str]:
         return {talk for talk in self._targets if talk not in self._hpb_by_talk}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import secrets
 import socket
 import sys
@@ -33,6 +34,7 @@ from live_transcription.sim.client import SimClient
 from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator, MediaBridge
 from live_transcription.sim.janus_process import janus_available
+from live_transcription.sim.taskprocessing import FakeTaskProcessing
 
 ROOM = "demoroom"
 BACKEND = "http://127.0.0.1:9/nextcloud"
@@ -71,6 +73,8 @@ class Caption:
 @dataclass
 class DemoResult:
     captions: list[Caption] = field(default_factory=list)
+    translations: list[Caption] = field(default_factory=list)
+    """Finals the translation reader received (``--translate-to``)."""
     sfu: str = ""
 
     def finals(self, speaker: str | None = None) -> list[str]:
@@ -86,6 +90,12 @@ class CaptionPrinter:
         self.names = names
         self.tty = out.isatty()
         self._open = False
+
+    def show_translation(self, caption: Caption, language: str) -> None:
+        name = self.names.get(caption.speaker, caption.speaker)
+        self.out.write(("\r\x1b[K" if self._open else "") + f"  ->{language} {name}: {caption.text}\n")
+        self._open = False
+        self.out.flush()
 
     def show(self, caption: Caption) -> None:
         name = self.names.get(caption.speaker, caption.speaker)
@@ -132,8 +142,10 @@ async def run_demo(
     deadline_seconds: float = 240.0,
     out: TextIO = sys.stdout,
     log_level: str = "ERROR",
+    translate_to: str | None = None,
 ) -> DemoResult:
-    """Run the demo; returns every caption the viewer received."""
+    """Run the demo; returns every caption the viewer received (and, with
+    ``translate_to``, every translated final a second viewer received)."""
     if speakers is None:
         wavs = bundled_speech()
         if not wavs:
@@ -166,8 +178,22 @@ async def run_demo(
             )
         viewer = await stack.enter_async_context(SimClient(hpb.url, ROOM, "talk-viewer", user_id="viewer"))
         await hpb.set_in_call(viewer.session_id, 1)
+        reader: SimClient | None = None
+        nextcloud_url = ""
+        if translate_to is None:
+            out.write(
+                "live translation: off (no translation provider configured; "
+                "--translate-to LANG shows it, see docs/operations.md)\n"
+            )
+        else:
+            nextcloud_url, app_secret = await _translation_provider(stack, app_secret, out)
+            reader = await stack.enter_async_context(
+                SimClient(hpb.url, ROOM, "talk-reader", user_id="reader")
+            )
+            await hpb.set_in_call(reader.session_id, 1)
         port = free_port()
         settings = load_settings(
+            NEXTCLOUD_URL=nextcloud_url,
             APP_SECRET=app_secret,
             APP_HOST="127.0.0.1",
             APP_PORT=port,
@@ -198,19 +224,56 @@ async def run_demo(
                     )
                     if response.status_code != 200:
                         raise RuntimeError(f"transcribe refused: {response.status_code} {response.text}")
+                    if reader is not None:
+                        await _enable_translation(api, language, translate_to or "", out)
                     await _until_speakers(api, len(speakers))
                     out.write("captions (as a Talk participant sees them):\n")
                     for track in tracks:
                         track.play()
                     printer = CaptionPrinter(out, session_names)
-                    await _follow(viewer, printer, result, tracks, tail_seconds)
+                    await _follow(viewer, printer, result, tracks, tail_seconds, reader=reader)
                     await api.post("/api/v1/call/leave", json={"roomToken": ROOM})
         finally:
             stop.set()
             with contextlib.suppress(Exception):
                 await server
     out.write(f"done: {len(result.finals())} final captions.\n")
+    if translate_to is not None:
+        out.write(f"translated finals read in {translate_to}: {len(result.translations)}\n")
     return result
+
+
+async def _translation_provider(stack: AsyncExitStack, app_secret: str, out: TextIO) -> tuple[str, str]:
+    """(NEXTCLOUD_URL, APP_SECRET) of the provider to translate through: a
+    real Nextcloud when both are in the environment (this app registered
+    there), else the stand-in server, said out loud."""
+    url, secret = os.environ.get("NEXTCLOUD_URL", ""), os.environ.get("APP_SECRET", "")
+    if url and secret:
+        out.write(f"live translation: through Nextcloud Task Processing at {url}\n")
+        return url, secret
+    stand_in = await stack.enter_async_context(FakeTaskProcessing(app_secret=app_secret))
+    out.write(
+        "live translation: STAND-IN provider (no Nextcloud configured): it marks each line with the "
+        "target language instead of translating it. Set NEXTCLOUD_URL and APP_SECRET for a real one.\n"
+    )
+    return stand_in.url, app_secret
+
+
+async def _enable_translation(api: httpx.AsyncClient, language: str, target: str, out: TextIO) -> None:
+    """A second viewer asks for captions translated into ``target``, as Talk does."""
+    response = await api.post(
+        "/api/v1/call/transcribe",
+        json={
+            "roomToken": ROOM,
+            "ncSessionId": "talk-reader",
+            "enable": True,
+            "langId": language,
+            "translationTargetLangId": target,
+        },
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"translation refused: {response.status_code} {response.text}")
+    out.write(f"a second viewer reads the captions in {target} (finals only, marked ->{target}).\n")
 
 
 def _as_bridge(bridge: Any) -> MediaBridge:
@@ -259,12 +322,28 @@ async def _follow(
     result: DemoResult,
     tracks: list[Any],
     tail_seconds: float,
+    *,
+    reader: SimClient | None = None,
 ) -> None:
     """Print captions until every speaker finished and ``tail_seconds`` passed
     without a new caption."""
     seen = 0
+    read = 0
     last_caption = time.monotonic()
     while True:
+        if reader is not None:
+            translated = [m for m in reader.transcripts() if m.get("final")]
+            for message in translated[read:]:
+                caption = Caption(
+                    speaker=str(message.get("speakerSessionId", "?")),
+                    text=str(message.get("message", "")),
+                    final=True,
+                    at=time.monotonic(),
+                )
+                result.translations.append(caption)
+                printer.show_translation(caption, str(message.get("langId", "?")))
+                last_caption = caption.at
+            read = len(translated)
         events = list(viewer.events)
         for event in events[seen:]:
             if isinstance(event, Relayed) and event.data.get("type") == "transcript":
