@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import ssl
 
+from live_transcription.clock import Clock
 from live_transcription.config import Settings
 from live_transcription.stt.base import FRAME_SECONDS, Frame
-from live_transcription.stt.clock import Clock
 from live_transcription.stt.remote import RemoteEngine, RemoteOptions
 from live_transcription.stt.wire import (
     FlushStep,

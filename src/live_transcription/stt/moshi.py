@@ -20,9 +20,9 @@ from typing import Any
 
 import msgpack
 
+from live_transcription.clock import Clock
 from live_transcription.config import Settings
 from live_transcription.stt.base import Frame
-from live_transcription.stt.clock import Clock
 from live_transcription.stt.remote import RemoteEngine, RemoteOptions
 from live_transcription.stt.wire import (
     FlushStep,

@@ -46,6 +46,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from live_transcription.audio.ring import DropOldestRing
+from live_transcription.clock import Clock, MonotonicClock, TimerHandle
 from live_transcription.stt.base import (
     FRAME_SAMPLES,
     FRAME_SECONDS,
@@ -58,7 +59,6 @@ from live_transcription.stt.base import (
     SttStream,
     Word,
 )
-from live_transcription.stt.clock import Clock, MonotonicClock, TimerHandle
 from live_transcription.stt.replay import ConnectionTimeline, EventChannel, ReplayDeduper
 from live_transcription.stt.wire import (
     Ignored,
