@@ -43,7 +43,34 @@ class MonotonicClock:
         await asyncio.sleep(max(0.0, seconds))
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        return asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+        return _DeadlineTimer(asyncio.get_running_loop(), time.monotonic() + max(0.0, delay), callback)
+
+
+class _DeadlineTimer:
+    """A loop timer that never fires before its deadline on ``time.monotonic``:
+    the loop may run a timer up to a millisecond early (selector timeouts are
+    rounded), and a driver that then finds its deadline not reached would wait
+    for a wake-up that never comes."""
+
+    __slots__ = ("_callback", "_deadline", "_handle", "_loop")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, callback: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self._deadline = deadline
+        self._callback = callback
+        self._handle = loop.call_later(max(0.0, deadline - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        remaining = self._deadline - time.monotonic()
+        if remaining > 0:
+            self._handle = self._loop.call_later(remaining, self._fire)
+        else:
+            self._callback()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class _ManualTimer:

@@ -100,6 +100,9 @@ async def stt_call(
                 LT_MODAL_URL=fake.url,
                 MODAL_KEY=KEY,
                 MODAL_SECRET=SECRET,
+                # connections open when speech needs them, so each utterance
+                # after the server closed the idle one makes a handshake
+                LT_STT_POOL_HEADROOM="0",
             )
             async with (
                 running_service(settings, ice_servers=no_ice_servers) as runtime,

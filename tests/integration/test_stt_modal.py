@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
 
 from live_transcription.clock import ManualClock
 from live_transcription.stt.base import Pause, StreamError, SttEvent, SttStream, Word
 from live_transcription.stt.modal import ModalEngine
+from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteOptions
 from tests.fakes import VOCABULARY, speech
 from tests.fakes.modal_kyutai import FakeModalKyutai
@@ -16,15 +20,33 @@ from tests.fakes.streams import collect_until, count_words, never, words
 HEADERS = {"Modal-Key": "test-key", "Modal-Secret": "test-secret"}
 
 
+_ENGINES: list[ModalEngine] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_engines() -> AsyncIterator[None]:
+    yield
+    while _ENGINES:
+        await _ENGINES.pop().aclose()
+
+
 def engine_for(
-    fake: FakeModalKyutai, clock: ManualClock, headers: dict[str, str] | None = None, **options: float
+    fake: FakeModalKyutai,
+    clock: ManualClock,
+    headers: dict[str, str] | None = None,
+    pool: PoolOptions | None = None,
+    **options: float,
 ) -> ModalEngine:
-    return ModalEngine(
+    """No headroom unless asked: connections open when speech needs them."""
+    engine = ModalEngine(
         fake.url,
         HEADERS if headers is None else headers,
         clock=clock,
         options=RemoteOptions(backoff_jitter=0.0, **options),  # type: ignore[arg-type]
+        pool=pool or PoolOptions(headroom=0),
     )
+    _ENGINES.append(engine)
+    return engine
 
 
 async def advance_until_pause(clock: ManualClock, stream: SttStream, events: list[SttEvent]) -> None:
@@ -174,7 +196,7 @@ async def test_idle_server_close_then_next_speech_reconnects() -> None:
 async def test_stream_closes_its_idle_socket_itself() -> None:
     clock = ManualClock()
     async with FakeModalKyutai() as fake:
-        engine = engine_for(fake, clock, idle_close_seconds=5.0)
+        engine = engine_for(fake, clock, pool=PoolOptions(headroom=0, surplus_seconds=5.0))
         async with engine.open_stream("en") as stream:
             for frame in speech([0]):
                 stream.push(frame)
@@ -216,6 +238,7 @@ async def test_leaving_the_block_flushes() -> None:
 
 async def test_unsupported_language_is_fatal() -> None:
     engine = ModalEngine("ws://127.0.0.1:9/v1/stream", HEADERS, clock=ManualClock())
+    _ENGINES.append(engine)
     async with engine.open_stream("xx") as stream:
         events = await collect_until(stream, never)
     assert isinstance(events[0], StreamError) and events[0].reason == "language"
@@ -234,7 +257,9 @@ async def test_unreachable_server_is_retried_with_exponential_backoff() -> None:
         HEADERS,
         clock=clock,
         options=RemoteOptions(backoff_jitter=0.0, close_grace_seconds=0.0),
+        pool=PoolOptions(headroom=0),
     )
+    _ENGINES.append(engine)
     failures: list[StreamError] = []
     async with engine.open_stream("en") as stream:
         stream.push(speech([0])[0])

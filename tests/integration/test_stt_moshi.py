@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import pytest
 from websockets.asyncio.client import connect
 
 from live_transcription.clock import ManualClock
 from live_transcription.stt.base import Pause, StreamError, Word
-from live_transcription.stt.moshi import MOSHI_OPTIONS, MoshiEngine
+from live_transcription.stt.moshi import MoshiEngine
+from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteOptions
 from tests.fakes import VOCABULARY, speech
 from tests.fakes.moshi_server import FakeMoshiServer
 from tests.fakes.streams import collect_until, ends_with_pause, never, words
 
+_ENGINES: list[MoshiEngine] = []
 
-def engine_for(fake: FakeMoshiServer, clock: ManualClock, key: str = "test-key") -> MoshiEngine:
-    options = RemoteOptions(backoff_jitter=0.0, idle_close_seconds=MOSHI_OPTIONS.idle_close_seconds)
-    return MoshiEngine(fake.url, key, clock=clock, options=options)
+
+@pytest.fixture(autouse=True)
+async def _close_engines() -> AsyncIterator[None]:
+    yield
+    while _ENGINES:
+        await _ENGINES.pop().aclose()
+
+
+def engine_for(
+    fake: FakeMoshiServer, clock: ManualClock, key: str = "test-key", pool: PoolOptions | None = None
+) -> MoshiEngine:
+    """No headroom unless asked: connections open when speech needs them."""
+    options = RemoteOptions(backoff_jitter=0.0)
+    engine = MoshiEngine(fake.url, key, clock=clock, options=options, pool=pool or PoolOptions(headroom=0))
+    _ENGINES.append(engine)
+    return engine
 
 
 async def test_words_then_exact_flush_by_marker() -> None:
