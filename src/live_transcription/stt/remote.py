@@ -131,6 +131,10 @@ class RemoteStream(DrivenStream):
         self._inbox: deque[tuple[int, object]] = deque(maxlen=4096)
         self._flush = _Flush.IDLE
         self._flush_started = 0.0
+        self._last_sent = -1
+        self._flushed_through = -1
+        """The last frame (stream index) sent before the flush in flight."""
+        self._end_pending = False
         self._last_word_at = 0.0
         self._marker_id = 0
         self._words_since_pause = False
@@ -157,11 +161,21 @@ class RemoteStream(DrivenStream):
 
     # --- SttStream ---------------------------------------------------------------
     def end_of_speech(self) -> None:
-        if self._finished or self._flush is not _Flush.IDLE:
+        if self._finished:
+            return
+        if self._flush is not _Flush.IDLE:
+            # speech came back and ended again while the flush was out: the
+            # audio after the flush needs a flush of its own
+            self._end_pending = True
             return
         if self._ring or self._unacked or self._replay:
             self._flush = _Flush.REQUESTED
             self._wake.set()
+
+    @property
+    def awaiting_flush(self) -> bool:
+        """The flush is sent and its words are awaited."""
+        return self._flush is _Flush.WAITING
 
     @property
     def duplicates_dropped(self) -> int:
@@ -285,6 +299,7 @@ class RemoteStream(DrivenStream):
             else:
                 index, frame = self._ring.pop()
             self._unacked.append((index, frame))
+            self._last_sent = index
             self._timeline.record_audio(index)
             connection.server_frames += 1
             self._speech_frames += 1
@@ -297,6 +312,7 @@ class RemoteStream(DrivenStream):
         protocol = self._protocol
         assert connection is not None and protocol is not None
         self._marker_id = connection.next_marker()
+        self._flushed_through = self._last_sent
         anchor = self._pushed
         for step in protocol.flush_plan(self._marker_id, quiet_frames=self._quiet_tail):
             if isinstance(step, Padding):
@@ -336,7 +352,14 @@ class RemoteStream(DrivenStream):
 
     def _complete_flush(self) -> None:
         self._flush = _Flush.IDLE
-        self._unacked.clear()
+        # frames sent after the flush went out are not flushed yet: they keep
+        # the connection (their words must not reach the next lessee)
+        while self._unacked and self._unacked[0][0] <= self._flushed_through:
+            self._unacked.popleft()
+        if self._end_pending:
+            self._end_pending = False
+            if self._has_unflushed_audio():
+                self._flush = _Flush.REQUESTED
         self._deduper.acknowledge_all()
         self._failures = 0
         self._engine.pool().connection_works()
