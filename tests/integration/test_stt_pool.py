@@ -285,3 +285,42 @@ async def test_speech_resumed_while_the_flush_is_out_keeps_the_connection_until_
         assert words(a_events) == ["alpha", "bravo", "charlie", "delta"]
         assert words(b_events) == ["kilo", "lima"]
         assert fake.connections == 1
+
+
+async def test_idle_connections_get_one_silent_frame_per_keepalive_period_and_no_more() -> None:
+    clock = ManualClock()
+    async with FakeMoshiServer() as fake:
+        engine = moshi(fake, clock, PoolOptions(headroom=2, keepalive_seconds=10.0))
+        keepalive_before = audio_seconds("keepalive")
+        async with engine.open_stream("en"):
+            pool = engine.pool()
+            await until(lambda: pool.idle == 2, deadline=DEADLINE)
+            clock.skip(9.0)
+            await asyncio.sleep(0)
+            assert pool.keepalives == 0
+            for period in range(1, 4):
+                clock.skip(10.0)
+                await until(lambda p=period: fake.frames_received == 2 * p, deadline=DEADLINE)  # type: ignore[misc]
+            assert pool.keepalives == 6
+            assert fake.idle_closes == 0
+        assert audio_seconds("keepalive") - keepalive_before == pytest.approx(6 * FRAME_SECONDS)
+        assert fake.frames_by_connection == {1: [0, 0, 0], 2: [0, 0, 0]}
+
+
+async def test_the_first_onset_without_headroom_waits_for_a_cold_connection_and_surplus_closes() -> None:
+    clock = ManualClock()
+    async with FakeModalKyutai() as fake:
+        engine = modal(fake, clock, PoolOptions(headroom=0, surplus_seconds=30.0))
+        cold_before = lease_waits("cold")
+        async with engine.open_stream("en") as stream:
+            for frame in utterance([0]):
+                stream.push(frame)
+            stream.end_of_speech()
+            events = await modal_utterance_done(clock, stream, 1)
+            assert words(events) == ["alpha"]
+            assert lease_waits("cold") == cold_before + 1
+            pool = engine.pool()
+            assert pool.idle == 1  # given back after the flush
+            clock.skip(30.0)
+            await until(lambda: fake.client_closes == 1, deadline=DEADLINE)
+            assert pool.idle == 0 and pool.surplus_closed == 1

@@ -44,7 +44,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -84,6 +84,23 @@ class PoolOptions:
             raise ValueError("headroom must be >= 0 and max_connections >= 1")
         if self.keepalive_seconds <= 0 or self.surplus_seconds < 0 or self.onset_window_seconds <= 0:
             raise ValueError("keepalive_seconds and onset_window_seconds must be positive")
+
+
+class BackoffOptions(Protocol):
+    @property
+    def backoff_initial_seconds(self) -> float: ...
+    @property
+    def backoff_max_seconds(self) -> float: ...
+    @property
+    def backoff_jitter(self) -> float: ...
+
+
+def backoff_delay(options: BackoffOptions, failures: int) -> float:
+    """No wait before the first retry, then exponential with jitter."""
+    if failures <= 0:
+        return 0.0
+    base = min(options.backoff_max_seconds, options.backoff_initial_seconds * 2.0 ** min(failures - 1, 30))
+    return base * (1.0 + options.backoff_jitter * random.random())
 
 
 class State(enum.Enum):
@@ -478,14 +495,7 @@ class ConnectionPool:
         self._wake.set()
 
     def _backoff(self) -> float:
-        options = self._engine.options
-        if self._failures <= 0:
-            return 0.0
-        base = min(
-            options.backoff_max_seconds,
-            options.backoff_initial_seconds * 2.0 ** min(self._failures - 1, 30),
-        )
-        return base * (1.0 + options.backoff_jitter * random.random())
+        return backoff_delay(self._engine.options, self._failures)
 
     # --- receiving -------------------------------------------------------------------------
     async def _receive(self, connection: Connection) -> None:

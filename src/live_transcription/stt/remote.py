@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -55,7 +54,14 @@ from live_transcription.stt.base import (
     SttStream,
     Word,
 )
-from live_transcription.stt.pool import CLOSED, Connection, ConnectionPool, LeaseRequest, PoolOptions
+from live_transcription.stt.pool import (
+    CLOSED,
+    Connection,
+    ConnectionPool,
+    LeaseRequest,
+    PoolOptions,
+    backoff_delay,
+)
 from live_transcription.stt.replay import ConnectionTimeline, ReplayDeduper
 from live_transcription.stt.stream import DrivenStream, running
 from live_transcription.stt.wire import (
@@ -390,14 +396,7 @@ class RemoteStream(DrivenStream):
         self._wake.set()
 
     def _backoff(self) -> float:
-        options = self._options
-        if self._failures <= 0:
-            return 0.0
-        base = min(
-            options.backoff_max_seconds,
-            options.backoff_initial_seconds * 2.0 ** min(self._failures - 1, 30),
-        )
-        return base * (1.0 + options.backoff_jitter * random.random())
+        return backoff_delay(self._options, self._failures)
 
     def _on_connection_lost(self, connection: Connection, why: str) -> None:
         if connection is not self._connection:
