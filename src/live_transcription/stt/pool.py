@@ -347,14 +347,21 @@ class ConnectionPool:
             due = connection.last_frame_at + interval
             if now >= due:
                 connection.last_frame_at = now
-                connection.server_frames += 1
-                self.keepalives += 1
-                self._keepalive_metric.inc(FRAME_SECONDS)
-                self._group.create_task(connection.send(connection.protocol.encode_audio(SILENCE)))
+                self._group.create_task(self._send_keepalive(connection))
                 due = now + interval
             due_next = min(due_next, due)
         if due_next < math.inf:
             self._arm(due_next - now)
+
+    async def _send_keepalive(self, connection: Connection) -> None:
+        # leased meanwhile: its lessee's audio keeps it open, and an extra frame
+        # would shift the lessee's timeline
+        if connection.state is not State.IDLE or connection.closed:
+            return
+        connection.server_frames += 1
+        self.keepalives += 1
+        self._keepalive_metric.inc(FRAME_SECONDS)
+        await connection.send(connection.protocol.encode_audio(SILENCE))
 
     def _close_surplus(self, now: float) -> None:
         surplus = len(self._idle) - self._headroom(now)
