@@ -23,7 +23,7 @@ from tests.fakes import VOCABULARY, silence_frame, speech
 from tests.fakes.modal_kyutai import FakeModalKyutai
 from tests.fakes.moshi_server import FakeMoshiServer
 from tests.fakes.streams import collect_until, count_words, words
-from tests.waiting import until
+from tests.waiting import until, wait_event
 
 HEADERS = {"Modal-Key": "test-key", "Modal-Secret": "test-secret"}
 PREROLL_FRAMES = 3  # the audio gate's 240 ms
@@ -324,3 +324,27 @@ async def test_the_first_onset_without_headroom_waits_for_a_cold_connection_and_
             clock.skip(30.0)
             await until(lambda: fake.client_closes == 1, deadline=DEADLINE)
             assert pool.idle == 0 and pool.surplus_closed == 1
+
+
+async def test_a_cold_start_is_absorbed_by_the_headroom() -> None:
+    """The replacement for the leased connection takes a cold start (its
+    handshake is held); the speaker, on the warm one, does not wait for it."""
+    clock = ManualClock()
+    async with FakeModalKyutai() as fake:
+        engine = modal(fake, clock, PoolOptions(headroom=1))
+        cold_before = lease_waits("cold")
+        async with engine.open_stream("en") as stream:
+            pool = engine.pool()
+            await until(lambda: pool.idle == 1, deadline=DEADLINE)
+            fake.handshake_gate = asyncio.Event()  # from now on the server is scaling up
+            fake.handshake_started.clear()
+            for frame in utterance([6, 7]):
+                stream.push(frame)
+            stream.end_of_speech()
+            await wait_event(fake.handshake_started, DEADLINE)  # the headroom is being replaced
+            events = await modal_utterance_done(clock, stream, 2)
+            assert pool.opening == 1  # still cold
+            fake.handshake_gate.set()
+        assert words(events) == ["golf", "hotel"]
+        assert lease_waits("cold") == cold_before
+        assert fake.frames_by_connection[1][PREROLL_FRAMES] == 7

@@ -534,6 +534,8 @@ class RemoteEngine(SttEngine):
             stream.fail("language", f"language {language!r} is not supported by Kyutai STT")
         elif self.auth_blocked():
             stream.fail("auth", "the STT server rejected the credentials recently")
+        else:
+            self.pool()  # a speaker joined: warm connections open before anyone talks
         return running(stream)
 
     async def aclose(self) -> None:
