@@ -462,6 +462,10 @@ class ConnectionPool:
     def _opened(self, connection: Connection) -> None:
         self._opening.discard(connection)
         self._proven = True
+        # the server answers again (a server that accepts and drops at once is
+        # slowed down by the idle-loss count instead)
+        self._failures = 0
+        self._last_error = None
         self.opened += 1
         connection.state = State.IDLE
         connection.idle_since = self._clock.now()
