@@ -348,3 +348,21 @@ async def test_a_cold_start_is_absorbed_by_the_headroom() -> None:
         assert words(events) == ["golf", "hotel"]
         assert lease_waits("cold") == cold_before
         assert fake.frames_by_connection[1][PREROLL_FRAMES] == 7
+
+
+async def test_the_pool_runs_inside_running_and_closes_its_connections_when_it_ends() -> None:
+    async with FakeMoshiServer() as fake:
+        engine = MoshiEngine(fake.url, "test-key", clock=ManualClock(), pool=PoolOptions(headroom=1))
+        tasks_before = set(asyncio.all_tasks())
+        async with engine.running():
+            async with engine.open_stream("en") as stream:
+                await until(lambda: engine.pool().idle == 1, deadline=DEADLINE)
+                for frame in utterance([2]):
+                    stream.push(frame)
+                stream.end_of_speech()
+                events = await collect_until(stream, until_pause)
+            assert words(events) == ["charlie"]
+            assert engine.pool().idle >= 1
+        await until(lambda: fake.active == 0, deadline=DEADLINE)
+        assert set(asyncio.all_tasks()) <= tasks_before
+        await engine.aclose()

@@ -36,8 +36,8 @@ import enum
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -473,8 +473,7 @@ class RemoteStream(DrivenStream):
 
 class RemoteEngine(SttEngine):
     """Shared parts of the remote engines: URL, headers, the connection pool,
-    auth cool-off. The pool's task starts with the first stream and stops in
-    ``aclose``."""
+    auth cool-off."""
 
     def __init__(
         self,
@@ -506,8 +505,25 @@ class RemoteEngine(SttEngine):
     def new_protocol(self) -> WireProtocol:
         return self._protocol_factory()
 
+    def running(self) -> AbstractAsyncContextManager[None]:
+        return self._running()
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        async with asyncio.TaskGroup() as group:
+            if self._pool is None:
+                self._pool = ConnectionPool(self, self.pool_options)
+            task = group.create_task(self._pool.run(), name="stt-pool")
+            self._pool_task = task
+            try:
+                yield
+            finally:
+                task.cancel()
+
     def pool(self) -> ConnectionPool:
-        """The engine's pool; its task starts on first use."""
+        """The engine's pool. Its task runs inside ``running()`` (the
+        service); an engine used without it (tests, tools) starts the task on
+        first use and ends it in ``aclose``."""
         if self._pool is None:
             self._pool = ConnectionPool(self, self.pool_options)
         if self._pool_task is None and not self._closed:
