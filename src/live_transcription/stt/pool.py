@@ -281,7 +281,7 @@ class ConnectionPool:
             for timer in self._timers:
                 timer.cancel()
             for connection in [*self._idle, *self._opening]:
-                self._close(connection, wait=False)
+                self._close(connection)
             self._idle.clear()
             for request in self._waiting:
                 request.failure = StreamError("the STT engine is shutting down", fatal=True, reason="closed")
@@ -557,7 +557,7 @@ class ConnectionPool:
                 self._retry_at = self._clock.now() + self._backoff()
             self._wake.set()
 
-    def _close(self, connection: Connection, *, wait: bool = False) -> None:
+    def _close(self, connection: Connection) -> None:
         connection.closed = True
         connection.sink = None
         ws, connection.ws = connection.ws, None
