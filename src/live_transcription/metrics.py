@@ -116,10 +116,41 @@ TRANSLATION_DROP_REASONS = (
     "no-listener",
     "shutdown",
 )
+stt_pool_streams = Gauge(
+    f"{PREFIX}_stt_streams",
+    "Connections to the remote STT server, by state (leased by a speaker, idle and warm, opening)",
+    ["state"],
+)
+stt_audio_seconds = Counter(
+    f"{PREFIX}_stt_audio_seconds",
+    "Seconds of audio sent to the STT: speech (participant audio incl. pre-roll),"
+    " flush (padding that gets the last words out), keepalive (idle pooled connections)",
+    ["kind"],
+)
+participant_audio_seconds = Counter(
+    f"{PREFIX}_participant_audio_seconds",
+    "Wall-clock seconds of audio received from captioned speakers (added at speech ends)",
+)
+stt_lease_wait = Histogram(
+    f"{PREFIX}_stt_lease_wait_seconds",
+    "From a speaker's speech onset to a leased STT connection",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0),
+)
+stt_lease_waits = Counter(
+    f"{PREFIX}_stt_lease_waits",
+    "Speech onsets that found no idle STT connection, by reason (cold, capacity, reconnect)",
+    ["reason"],
+)
 
 
 # Known label values exist from the start, so a scrape shows 0 rather than
 # nothing: "no drops" must be told apart from "not instrumented".
+for _pool_state in ("leased", "idle", "opening"):
+    stt_pool_streams.labels(_pool_state)
+for _kind in ("speech", "flush", "keepalive"):
+    stt_audio_seconds.labels(_kind)
+for _reason in ("cold", "capacity", "reconnect"):
+    stt_lease_waits.labels(_reason)
 for _reason in ("no-stream", "stt-behind"):
     audio_frames_dropped.labels(_reason)
 for _reason in ("throttled-superseded", "hpb-down-overflow", "unsent-at-close", "no-target", "session-gone"):

@@ -171,7 +171,9 @@ async def running_service(
         )
         metrics.observe_state(lambda: _snapshot(manager))
         metrics.observe_translation(manager.translation_in_use)
-        async with manager:
+        # the engine's background work outlives the speakers, who give their
+        # STT connections back as they end
+        async with engine.running(), manager:
             log.info("service ready: engine %s, languages %s", engine.name, ", ".join(sorted(languages)))
 
             async def init_done() -> None:

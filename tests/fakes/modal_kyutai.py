@@ -12,6 +12,11 @@
   ``drop_after_frames`` aborts the first connection mid-stream,
   ``silent_connections`` (connection numbers, from 1) are read but never
   answered: an engine that stops answering without closing.
+  ``max_sessions`` answers HTTP 429 to a handshake while that many sessions
+  are open (a capped deployment).
+* Observations for tests: per connection, the code of every frame received
+  (0 silence, word id + 1) and the words sent, so a test can tell which
+  audio went where and which words came back on which connection.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class FakeModalKyutai:
         legacy: bool = False,
         ping_every_frames: int = 0,
         silent_connections: frozenset[int] = frozenset(),
+        max_sessions: int | None = None,
     ) -> None:
         self.vocabulary = list(vocabulary)
         self.key = key
@@ -58,6 +64,11 @@ class FakeModalKyutai:
         self.legacy = legacy
         self.ping_every_frames = ping_every_frames
         self.silent_connections = silent_connections
+        self.max_sessions = max_sessions
+        self.active = 0
+        self.refused_full = 0
+        self.frames_by_connection: dict[int, list[int]] = {}
+        self.words_by_connection: dict[int, list[str]] = {}
         # observations
         self.handshakes = 0
         self.rejected = 0
@@ -108,10 +119,15 @@ class FakeModalKyutai:
         if not self._authorised(request.headers):
             self.rejected += 1
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
+        if self.max_sessions is not None and self.active >= self.max_sessions:
+            self.refused_full += 1
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "Too Many Requests\n")
+        self.active += 1  # counted from the upgrade on, so a racing handshake sees it
         return None
 
-    async def _send_word(self, ws: ServerConnection, text: str) -> None:
+    async def _send_word(self, ws: ServerConnection, text: str, connection_number: int) -> None:
         self.words_sent.append(text)
+        self.words_by_connection.setdefault(connection_number, []).append(text)
         if not self.legacy:
             await ws.send(json.dumps({"type": "token", "text": text}))
             return
@@ -121,8 +137,15 @@ class FakeModalKyutai:
             await ws.send(json.dumps({"type": "token", "text": text[half:]}))
 
     async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            await self._serve(ws)
+        finally:
+            self.active -= 1
+
+    async def _serve(self, ws: ServerConnection) -> None:
         self.connections += 1
         connection_number = self.connections
+        codes = self.frames_by_connection.setdefault(connection_number, [])
         model = Recogniser()
         pending: list[tuple[int, int]] = []  # (due received count, word id)
         vad_armed = False
@@ -140,7 +163,9 @@ class FakeModalKyutai:
                     continue
                 samples = np.frombuffer(message, dtype="<f4")
                 self.frames_received += 1
-                _, ended = model.feed(decode_frame(samples))
+                code = decode_frame(samples)
+                codes.append(code)
+                _, ended = model.feed(code)
                 if connection_number in self.silent_connections:
                     continue
                 if ended is not None:
@@ -148,7 +173,7 @@ class FakeModalKyutai:
                 while pending and pending[0][0] <= model.received:
                     _, word_id = pending.pop(0)
                     text = self.vocabulary[word_id % len(self.vocabulary)]
-                    await self._send_word(ws, text)
+                    await self._send_word(ws, text, connection_number)
                     vad_armed = True
                 if self.legacy and vad_armed and not pending and model.silence_run >= 8:
                     vad_armed = False

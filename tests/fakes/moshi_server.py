@@ -10,6 +10,8 @@
 * ``Marker`` echoed once ``delay_frames`` more frames have been processed.
 * Closes after ``idle_close_seconds`` with nothing received; no flush on close.
 * ``drop_after_frames`` aborts the first connection mid-stream.
+* Observations for tests: per connection, the code of every audio frame
+  received (0 silence, word id + 1) and the words sent.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class FakeMoshiServer:
         self.frames_received = 0
         self.words_sent: list[str] = []
         self.markers_echoed = 0
+        self.frames_by_connection: dict[int, list[int]] = {}
+        self.words_by_connection: dict[int, list[str]] = {}
         self.idle_closes = 0
         self.drops = 0
         self.client_closes = 0
@@ -120,6 +124,8 @@ class FakeMoshiServer:
     async def _serve(self, ws: ServerConnection, connection_number: int) -> None:
         await self._send(ws, {"type": "Ready"})
         model = Recogniser()
+        codes = self.frames_by_connection.setdefault(connection_number, [])
+        sent = self.words_by_connection.setdefault(connection_number, [])
         words: list[tuple[int, int]] = []  # (due, word id)
         ends: list[tuple[int, int]] = []  # (due, end index)
         markers: list[tuple[int, int]] = []  # (due, id)
@@ -145,7 +151,9 @@ class FakeMoshiServer:
                 continue
             samples = np.asarray(message.get("pcm", []), dtype=np.float32)
             self.frames_received += 1
-            started, ended = model.feed(decode_frame(samples))
+            code = decode_frame(samples)
+            codes.append(code)
+            started, ended = model.feed(code)
             if started is not None:
                 words.append((started[0] + self.delay_frames, started[1]))
                 seen_word = True
@@ -155,6 +163,7 @@ class FakeMoshiServer:
                 due, word_id = words.pop(0)
                 text = self.vocabulary[word_id % len(self.vocabulary)]
                 self.words_sent.append(text)
+                sent.append(text)
                 start = (due - self.delay_frames) * FRAME_SECONDS
                 await self._send(ws, {"type": "Word", "text": text, "start_time": start})
             while ends and ends[0][0] <= model.received:

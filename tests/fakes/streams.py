@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from live_transcription.clock import ManualClock
 from live_transcription.stt.base import Pause, SttEvent, SttStream, Word
-from live_transcription.stt.clock import ManualClock
 
 DEADLINE_SECONDS = 30.0
 
@@ -43,5 +43,5 @@ async def advance_until_pause(
 ) -> None:
     """A quiet-period flush ends on the clock: once the flushed words are in,
     advancing by the quiet period ends it with a Pause."""
-    clock.advance(quiet)
+    clock.skip(quiet)
     events += await collect_until(stream, ends_with_pause)

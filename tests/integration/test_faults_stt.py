@@ -30,6 +30,7 @@ from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator
 from live_transcription.sim.publisher import write_wav
 from live_transcription.stt.modal import ModalEngine
+from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteOptions
 from tests.fakes import VOCABULARY, speech
 from tests.fakes.modal_kyutai import FakeModalKyutai
@@ -77,6 +78,7 @@ async def stt_call(
     monkeypatch: pytest.MonkeyPatch,
     fake: FakeModalKyutai,
     options: RemoteOptions | None = None,
+    pool: PoolOptions | None = None,
 ) -> AsyncIterator[SttCall]:
     census = PeerCensus()
     census.install(monkeypatch)
@@ -106,8 +108,18 @@ async def stt_call(
                 LT_MODAL_URL=fake.url,
                 MODAL_KEY=KEY,
                 MODAL_SECRET=SECRET,
+                # connections open when speech needs them, so each utterance
+                # after the server closed the idle one makes a handshake
+                LT_STT_POOL_HEADROOM="0",
             )
-            engine = ModalEngine(fake.url, {"Modal-Key": KEY, "Modal-Secret": SECRET}, options=options)
+            engine = ModalEngine(
+                fake.url,
+                {"Modal-Key": KEY, "Modal-Secret": SECRET},
+                options=options,
+                # connections open when speech needs them, so each utterance
+                # after the server closed the idle one makes a handshake
+                pool=pool or PoolOptions(headroom=0),
+            )
             async with (
                 running_service(settings, engine=engine, ice_servers=no_ice_servers) as runtime,
                 SimClient(hpb.url, ROOM, "talk-viewer") as viewer,
@@ -206,10 +218,12 @@ async def test_stt_refusing_with_401_then_recovering_captions_again(
     """A transient 401 (the provider's auth hiccups): the speaker backs off,
     then captions resume once the server accepts the credentials again."""
     monkeypatch.setattr(speaker_module, "ENGINE_RETRY_SECONDS", 0.2)
-    options = RemoteOptions(auth_retry_seconds=0.2, idle_close_seconds=0.3)
+    options = RemoteOptions(auth_retry_seconds=0.2)
+    # no warm connection is kept: the next utterance must handshake (and meet the 401)
+    pool = PoolOptions(headroom=0, surplus_seconds=0.3)
     async with (
         FakeModalKyutai() as fake,
-        stt_call(tmp_path, monkeypatch, fake, options) as call,
+        stt_call(tmp_path, monkeypatch, fake, options, pool) as call,
     ):
         call.say([0, 1])
         await call.viewer.wait_for(lambda: call.final_words() == ["alpha", "bravo"], deadline=DEADLINE)
@@ -234,10 +248,11 @@ async def test_an_engine_that_stops_answering_is_left_for_a_new_connection(
     """The first connection takes audio and never answers: after the flush
     gives up and the idle close, the next speech opens a new connection and
     its words arrive."""
-    options = RemoteOptions(flush_max_seconds=0.5, idle_close_seconds=0.3)
+    options = RemoteOptions(flush_max_seconds=0.5)
+    pool = PoolOptions(headroom=0, surplus_seconds=0.3)
     async with (
         FakeModalKyutai(silent_connections=frozenset({1})) as fake,
-        stt_call(tmp_path, monkeypatch, fake, options) as call,
+        stt_call(tmp_path, monkeypatch, fake, options, pool) as call,
     ):
         call.say([0, 1])
         await until(lambda: fake.client_closes >= 1, deadline=DEADLINE)  # gave up on it

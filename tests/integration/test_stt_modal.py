@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import pytest
+
+from live_transcription.clock import ManualClock
 from live_transcription.stt.base import Pause, StreamError, SttEvent, SttStream, Word
-from live_transcription.stt.clock import ManualClock
 from live_transcription.stt.modal import ModalEngine
+from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteOptions
 from tests.fakes import VOCABULARY, speech
 from tests.fakes.modal_kyutai import FakeModalKyutai
@@ -16,15 +20,33 @@ from tests.fakes.streams import collect_until, count_words, never, words
 HEADERS = {"Modal-Key": "test-key", "Modal-Secret": "test-secret"}
 
 
+_ENGINES: list[ModalEngine] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_engines() -> AsyncIterator[None]:
+    yield
+    while _ENGINES:
+        await _ENGINES.pop().aclose()
+
+
 def engine_for(
-    fake: FakeModalKyutai, clock: ManualClock, headers: dict[str, str] | None = None, **options: float
+    fake: FakeModalKyutai,
+    clock: ManualClock,
+    headers: dict[str, str] | None = None,
+    pool: PoolOptions | None = None,
+    **options: float,
 ) -> ModalEngine:
-    return ModalEngine(
+    """No headroom unless asked: connections open when speech needs them."""
+    engine = ModalEngine(
         fake.url,
         HEADERS if headers is None else headers,
         clock=clock,
         options=RemoteOptions(backoff_jitter=0.0, **options),  # type: ignore[arg-type]
+        pool=pool or PoolOptions(headroom=0),
     )
+    _ENGINES.append(engine)
+    return engine
 
 
 async def advance_until_pause(clock: ManualClock, stream: SttStream, events: list[SttEvent]) -> None:
@@ -114,14 +136,14 @@ async def test_bad_credentials_are_fatal_without_retry_loop() -> None:
         assert fake.handshakes == 1
         # a speaker that reopens at once is refused without touching the server
         for _ in range(5):
-            clock.advance(1.0)
+            clock.skip(1.0)
             async with engine.open_stream("en") as again:
                 again.push(speech([0])[0])
                 events = await collect_until(again, never)
             assert isinstance(events[0], StreamError) and events[0].reason == "auth"
         assert fake.handshakes == 1
         # after the cool-off the engine tries once more
-        clock.advance(60.0)
+        clock.skip(60.0)
         async with engine.open_stream("en") as later:
             later.push(speech([0])[0])
             await collect_until(later, never)
@@ -140,7 +162,7 @@ async def test_cold_start_buffers_audio_and_loses_nothing() -> None:
                 await fake.handshake_started.wait()
             for frame in speech(range(3, 6)):
                 stream.push(frame)
-            clock.advance(30.0)  # the slow-handshake warning fires; nothing else happens
+            clock.skip(30.0)  # the slow-handshake warning fires; nothing else happens
             gate.set()
             stream.end_of_speech()
             events = await collect_until(stream, count_words(6))
@@ -174,14 +196,14 @@ async def test_idle_server_close_then_next_speech_reconnects() -> None:
 async def test_stream_closes_its_idle_socket_itself() -> None:
     clock = ManualClock()
     async with FakeModalKyutai() as fake:
-        engine = engine_for(fake, clock, idle_close_seconds=5.0)
+        engine = engine_for(fake, clock, pool=PoolOptions(headroom=0, surplus_seconds=5.0))
         async with engine.open_stream("en") as stream:
             for frame in speech([0]):
                 stream.push(frame)
             stream.end_of_speech()
             events = await collect_until(stream, count_words(1))
             await advance_until_pause(clock, stream, events)
-            clock.advance(10.0)
+            clock.skip(10.0)
             async with asyncio.timeout(30):
                 await fake.client_closed.wait()
             for frame in speech([1]):
@@ -204,7 +226,7 @@ async def test_leaving_the_block_flushes() -> None:
             async for event in stream.events():
                 events.append(event)
                 if len(words(events)) == 3:
-                    clock.advance(RemoteOptions().flush_quiet_seconds)
+                    clock.skip(RemoteOptions().flush_quiet_seconds)
 
         async with asyncio.TaskGroup() as group, engine.open_stream("en") as stream:
             group.create_task(consume(stream))
@@ -216,6 +238,7 @@ async def test_leaving_the_block_flushes() -> None:
 
 async def test_unsupported_language_is_fatal() -> None:
     engine = ModalEngine("ws://127.0.0.1:9/v1/stream", HEADERS, clock=ManualClock())
+    _ENGINES.append(engine)
     async with engine.open_stream("xx") as stream:
         events = await collect_until(stream, never)
     assert isinstance(events[0], StreamError) and events[0].reason == "language"
@@ -234,7 +257,9 @@ async def test_unreachable_server_is_retried_with_exponential_backoff() -> None:
         HEADERS,
         clock=clock,
         options=RemoteOptions(backoff_jitter=0.0, close_grace_seconds=0.0),
+        pool=PoolOptions(headroom=0),
     )
+    _ENGINES.append(engine)
     failures: list[StreamError] = []
     async with engine.open_stream("en") as stream:
         stream.push(speech([0])[0])
@@ -242,9 +267,9 @@ async def test_unreachable_server_is_retried_with_exponential_backoff() -> None:
             events = await collect_until(stream, lambda e: isinstance(e[-1], StreamError))
             failures += [e for e in events if isinstance(e, StreamError)]
             attempts = engine.connection_attempts
-            clock.advance(expected_delay * 0.9)
+            clock.skip(expected_delay * 0.9)
             assert engine.connection_attempts == attempts  # not yet
-            clock.advance(expected_delay * 0.2)
+            clock.skip(expected_delay * 0.2)
         events = await collect_until(stream, lambda e: isinstance(e[-1], StreamError))
         failures += [e for e in events if isinstance(e, StreamError)]
     assert engine.connection_attempts == 5

@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import pytest
 from websockets.asyncio.client import connect
 
+from live_transcription.clock import ManualClock
 from live_transcription.stt.base import Pause, StreamError, Word
-from live_transcription.stt.clock import ManualClock
-from live_transcription.stt.moshi import MOSHI_OPTIONS, MoshiEngine
+from live_transcription.stt.moshi import MoshiEngine
+from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteOptions
 from tests.fakes import VOCABULARY, speech
 from tests.fakes.moshi_server import FakeMoshiServer
 from tests.fakes.streams import collect_until, ends_with_pause, never, words
 
+_ENGINES: list[MoshiEngine] = []
 
-def engine_for(fake: FakeMoshiServer, clock: ManualClock, key: str = "test-key") -> MoshiEngine:
-    options = RemoteOptions(backoff_jitter=0.0, idle_close_seconds=MOSHI_OPTIONS.idle_close_seconds)
-    return MoshiEngine(fake.url, key, clock=clock, options=options)
+
+@pytest.fixture(autouse=True)
+async def _close_engines() -> AsyncIterator[None]:
+    yield
+    while _ENGINES:
+        await _ENGINES.pop().aclose()
+
+
+def engine_for(
+    fake: FakeMoshiServer, clock: ManualClock, key: str = "test-key", pool: PoolOptions | None = None
+) -> MoshiEngine:
+    """No headroom unless asked: connections open when speech needs them."""
+    options = RemoteOptions(backoff_jitter=0.0)
+    engine = MoshiEngine(fake.url, key, clock=clock, options=options, pool=pool or PoolOptions(headroom=0))
+    _ENGINES.append(engine)
+    return engine
 
 
 async def test_words_then_exact_flush_by_marker() -> None:
@@ -79,7 +96,7 @@ async def test_bad_key_is_fatal_and_not_retried() -> None:
             stream.push(speech([0])[0])
             events = await collect_until(stream, never)
         assert [(e.reason, e.fatal) for e in events if isinstance(e, StreamError)] == [("auth", True)]
-        clock.advance(10.0)
+        clock.skip(10.0)
         async with engine.open_stream("en") as stream:
             stream.push(speech([0])[0])
             await collect_until(stream, never)
@@ -101,14 +118,14 @@ async def test_no_free_channels_backs_off_and_succeeds_when_one_frees() -> None:
                 attempts = engine.connection_attempts
                 assert attempts == 1
                 # backoff: nothing happens until the clock moves
-                clock.advance(0.1)
+                clock.skip(0.1)
                 assert engine.connection_attempts == attempts
                 await hog.close()
                 async with asyncio.timeout(30):
                     while fake.active:
                         await fake.client_closed.wait()
                         fake.client_closed.clear()
-                clock.advance(1.0)
+                clock.skip(1.0)
                 stream.end_of_speech()
                 events += await collect_until(stream, ends_with_pause)
         assert words(events) == list(VOCABULARY[:3])

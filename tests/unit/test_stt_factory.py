@@ -33,4 +33,19 @@ def test_moshi_path_and_key_header() -> None:
     assert isinstance(engine, MoshiEngine)
     assert engine.url == "ws://127.0.0.1:8080/api/asr-streaming"
     assert engine.headers == {"kyutai-api-key": "secret"}
-    assert engine.options.idle_close_seconds < 20
+    # moshi-server closes after 20 s with nothing received: idle pooled
+    # connections get their keep-alive frame well before
+    assert engine.pool_options.keepalive_seconds < 20
+
+
+def test_pool_settings_reach_the_remote_engines() -> None:
+    settings = load_settings(
+        LT_STT_ENGINE="modal",
+        LT_MODAL_URL="ws://127.0.0.1:9/v1/stream",
+        LT_STT_POOL_HEADROOM="3",
+        LT_STT_POOL_MAX="7",
+    )
+    engine = create_engine(settings)
+    assert isinstance(engine, ModalEngine)
+    assert (engine.pool_options.headroom, engine.pool_options.max_connections) == (3, 7)
+    assert engine.pool_options.keepalive_seconds < 30  # Modal: 30 s without a binary frame

@@ -74,6 +74,9 @@ def test_modal_audio_is_raw_float32_le() -> None:
     assert len(data) == 7680
     assert np.array_equal(np.frombuffer(data, dtype="<f4"), frame)
     assert ModalProtocol().flush_plan(1) == [Padding(13)]
+    # quiet frames the speech already ended with count toward the >= 1 s
+    assert ModalProtocol().flush_plan(1, quiet_frames=8) == [Padding(5)]
+    assert ModalProtocol().flush_plan(1, quiet_frames=20) == [Padding(0)]
 
 
 def test_modal_unknown_and_broken_messages_are_ignored() -> None:
@@ -137,6 +140,8 @@ def test_moshi_encoding_and_flush_plan() -> None:
     assert audio["type"] == "Audio" and len(audio["pcm"]) == 1920 and audio["pcm"][0] == 0.25
     assert msgpack.unpackb(protocol.encode_marker(3)) == {"type": "Marker", "id": 3}
     assert protocol.flush_plan(3) == [Padding(7), SendMarker(3), Padding(7)]
+    # the padding after the Marker is what makes the server echo it: always sent
+    assert protocol.flush_plan(4, quiet_frames=8) == [Padding(0), SendMarker(4), Padding(7)]
 
 
 @given(st.binary(max_size=200))

@@ -29,6 +29,7 @@ from live_transcription.logs import fields
 from live_transcription.media.peer import ReceivePeer, UnsupportedOffer
 from live_transcription.rooms import ports
 from live_transcription.rooms.room import SpeakerContext
+from live_transcription.rooms.speaker_report import SpeakerReport
 from live_transcription.stt.base import (
     FRAME_SECONDS,
     Language,
@@ -56,16 +57,6 @@ ENGINE_RETRY_SECONDS = 60.0
 """After a fatal stream error, how long a speaker waits before opening a new stream."""
 _RECONNECT_REASONS = frozenset({"connection", "capacity", "timeout"})
 """Non-fatal stream errors after which the stream is retrying its connection."""
-_PACKET_KINDS = {
-    "packets_in": "received",
-    "packets_silent": "silent",
-    "packets_decoded": "decoded",
-    "packets_lost": "lost",
-    "packets_late": "late",
-    "packets_concealed": "concealed",
-    "decode_errors": "decode-error",
-    "packets_skipped": "skipped",
-}
 
 
 class Speaker:
@@ -101,8 +92,7 @@ class Speaker:
         self._local_candidates: list[ports.LocalCandidate] | None = []  # None once answered
         self._audio: SpeakerAudio | None = None
         self._peer: ReceivePeer | None = None
-        self._reported: dict[str, int] = {}  # audio counters already added to the metrics
-        self._stream_drops_reported = 0
+        self._report = SpeakerReport(self._clock)
         self._words_metric = metrics.words_in.labels(engine.name)
         self._fields = fields(context.room_token, context.session_id)
         self.stt_reconnecting = False
@@ -157,6 +147,7 @@ class Speaker:
                     log.warning("speaker %s: offer refused: %s", label, exc, extra=self._fields)
                     return
                 self.context.link.send_answer(label, self.context.offer.sid, answer)
+                self._report.start_receiving()
                 # candidates gathered while answering follow the answer, never precede it
                 early, self._local_candidates = self._local_candidates or [], None
                 for candidate in early:
@@ -174,6 +165,7 @@ class Speaker:
                             task.cancel()
         finally:
             self._report_audio()
+            self._report.stop_receiving()
             self._set_reconnecting(False)
             audio.close()
             self._audio = None
@@ -199,29 +191,16 @@ class Speaker:
         self._report_audio()
 
     def _report_audio(self) -> None:
-        """Add the audio path's counters to the metrics: at each speech end and
-        at the speaker's end, never per packet."""
+        """Add the audio path's counters and the time audio was received to
+        the metrics: at each speech end and at the speaker's end, never per packet."""
         audio = self._audio
-        if audio is not None:
-            counters = audio.counters()
-            if self._peer is not None:
-                counters["packets_skipped"] = self._peer.packets_skipped
-            for name, value in counters.items():
-                kind = _PACKET_KINDS.get(name)
-                if kind is not None and value != self._reported.get(name, 0):
-                    metrics.audio_packets.labels(kind).inc(value - self._reported.get(name, 0))
-                    self._reported[name] = value
-        if self.frames_without_stream != self._reported.get("no-stream", 0):
-            metrics.audio_frames_dropped.labels("no-stream").inc(
-                self.frames_without_stream - self._reported.get("no-stream", 0)
-            )
-            self._reported["no-stream"] = self.frames_without_stream
+        counters = audio.counters() if audio is not None else {}
+        if self._peer is not None:
+            counters["packets_skipped"] = self._peer.packets_skipped
         stream = self._stream
-        if stream is not None and stream.frames_dropped != self._stream_drops_reported:
-            metrics.audio_frames_dropped.labels("stt-behind").inc(
-                stream.frames_dropped - self._stream_drops_reported
-            )
-            self._stream_drops_reported = stream.frames_dropped
+        self._report.report(
+            counters, self.frames_without_stream, stream.frames_dropped if stream is not None else None
+        )
 
     def _set_reconnecting(self, reconnecting: bool) -> None:
         if reconnecting != self.stt_reconnecting:
@@ -248,7 +227,7 @@ class Speaker:
                 metrics.stt_streams.labels(self._engine.name, "open").inc()
                 self._stream = stream
                 self._stream_frames = 0
-                self._stream_drops_reported = 0
+                self._report.new_stream()
                 reader = tasks.create_task(self._read_events(stream, builder))
                 changed = tasks.create_task(self._changed.wait())
                 await asyncio.wait((reader, changed), return_when=asyncio.FIRST_COMPLETED)

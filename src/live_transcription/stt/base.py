@@ -18,6 +18,7 @@ Lifecycle of a stream (structured: the stream's own tasks live inside
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -126,6 +127,11 @@ class SttEngine(ABC):
     def open_stream(self, language: str) -> AbstractAsyncContextManager[SttStream]:
         """A stream for one speaker. Entering starts it (connecting may happen
         lazily in the background); leaving flushes and closes it."""
+
+    def running(self) -> AbstractAsyncContextManager[None]:
+        """The engine's background work (a remote engine's connection pool)
+        runs inside this block, in its own task group; most engines have none."""
+        return contextlib.nullcontext()
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing
         """Release shared resources (model, worker pool) at shutdown."""

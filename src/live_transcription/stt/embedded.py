@@ -65,8 +65,8 @@ import logging
 import os
 import string
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -75,7 +75,6 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-from live_transcription.audio.ring import DropOldestRing
 from live_transcription.stt.base import (
     FRAME_SECONDS,
     SAMPLE_RATE,
@@ -84,11 +83,10 @@ from live_transcription.stt.base import (
     Pause,
     StreamError,
     SttEngine,
-    SttEvent,
     SttStream,
     Word,
 )
-from live_transcription.stt.replay import EventChannel
+from live_transcription.stt.stream import DrivenStream, running
 
 if TYPE_CHECKING:
     from live_transcription.config import Settings
@@ -219,25 +217,19 @@ def _common_prefix(first: Sequence[TimedWord], second: Sequence[TimedWord]) -> i
     return count
 
 
-class EmbeddedStream(SttStream):
+class EmbeddedStream(DrivenStream):
     """One speaker's stream; a driver task owns all of its state, ``push`` and
     ``end_of_speech`` only append to bounded buffers and wake it."""
 
     def __init__(self, engine: EmbeddedEngine, language: str) -> None:
+        super().__init__(engine.options.buffer_seconds)
         self._engine = engine
         self._language = language
         self._options = engine.options
-        buffer_frames = max(1, round(self._options.buffer_seconds / FRAME_SECONDS))
-        self._ring: DropOldestRing[tuple[int, Frame]] = DropOldestRing(buffer_frames)
         self._max_window_samples = round(self._options.max_window_seconds * SAMPLE_RATE)
         self._step_samples = max(1, round(self._options.decode_step_seconds * SAMPLE_RATE))
-        self._pushed = 0
         self._marks: deque[int] = deque(maxlen=64)  # a lost mark only merges two utterances
         self._marked_upto = 0
-        self._events = EventChannel()
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._finished = False
         # the current window (owned by the driver)
         self._window: list[Frame] = []
         self._window_samples = 0
@@ -255,13 +247,6 @@ class EmbeddedStream(SttStream):
         self.decode_failures = 0
 
     # --- SttStream ---------------------------------------------------------------
-    def push(self, frame: Frame) -> None:
-        if self._finished:
-            return
-        self._ring.push((self._pushed, frame))
-        self._pushed += 1
-        self._wake.set()
-
     def end_of_speech(self) -> None:
         if self._finished or self._pushed <= self._marked_upto:
             return
@@ -269,60 +254,23 @@ class EmbeddedStream(SttStream):
         self._marked_upto = self._pushed
         self._wake.set()
 
-    def events(self) -> AsyncIterator[SttEvent]:
-        return self._events.__aiter__()
-
-    @property
-    def frames_dropped(self) -> int:
-        return self._ring.dropped
-
     @property
     def frames_buffered(self) -> int:
         """Frames waiting for the model (bounded by ``buffer_seconds``)."""
         return len(self._ring)
 
-    @property
-    def events_dropped(self) -> int:
-        return self._events.dropped
-
     # --- lifecycle ---------------------------------------------------------------
-    def request_close(self) -> None:
-        if not self._closing:
-            self._closing = True
-            self.end_of_speech()
-            self._wake.set()
-
-    def fail(self, reason: str, message: str) -> None:
-        """End the stream at once with a fatal error."""
-        if not self._finished:
-            self._events.put(StreamError(message, fatal=True, reason=reason))
-            self._finished = True
-            self._ring.clear()
-            self._wake.set()
-
-    async def run(self) -> None:
-        try:
-            if not self._finished:
-                await self._await_model()
-            while not self._finished:
-                self._wake.clear()
-                if not await self._step() and not self._finished and not self._wake.is_set():
-                    await self._wake.wait()
-        except Exception as exc:
-            log.exception("embedded stt stream failed")
-            self._events.put(StreamError(f"internal error: {exc}", fatal=True, reason="internal"))
-        finally:
-            self._finished = True
-            self._ring.clear()
-            self._window.clear()
-            self._events.close()
-
-    async def _await_model(self) -> None:
+    async def _prepare(self) -> None:
+        if self._finished:
+            return
         # frames pushed meanwhile wait in the ring (bounded)
         await self._engine.wait_ready()
         reason = self._engine.failure()
         if reason is not None:
             self.fail("model", reason)
+
+    async def _release(self) -> None:
+        self._window.clear()
 
     # --- driver --------------------------------------------------------------------
     async def _step(self) -> bool:
@@ -555,22 +503,13 @@ class EmbeddedEngine(SttEngine):
         return self.ready()
 
     def open_stream(self, language: str) -> AbstractAsyncContextManager[SttStream]:
-        return self._open(language)
-
-    @asynccontextmanager
-    async def _open(self, language: str) -> AsyncIterator[SttStream]:
-        async with asyncio.TaskGroup() as group:
-            stream = EmbeddedStream(self, language)
-            if language not in EMBEDDED_LANGUAGES:
-                supported = ", ".join(sorted(EMBEDDED_LANGUAGES))
-                stream.fail("language", f"language {language!r} is not supported (embedded: {supported})")
-            elif (reason := self.failure()) is not None:
-                stream.fail("model", reason)
-            group.create_task(stream.run())
-            try:
-                yield stream
-            finally:
-                stream.request_close()
+        stream = EmbeddedStream(self, language)
+        if language not in EMBEDDED_LANGUAGES:
+            supported = ", ".join(sorted(EMBEDDED_LANGUAGES))
+            stream.fail("language", f"language {language!r} is not supported (embedded: {supported})")
+        elif (reason := self.failure()) is not None:
+            stream.fail("model", reason)
+        return running(stream)
 
     async def aclose(self) -> None:
         self._pool_closed = True

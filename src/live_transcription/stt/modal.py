@@ -12,7 +12,8 @@ text JSON ``{"type": "token", "text": ...}``.
   the connection.
 
 The server never says it paused and does not flush on close: the stream's
-flush sends >= 1 s of silence and waits until no token has come for
+flush makes sure >= 1 s of silence follows the speech (the quiet frames the
+utterance ended with count) and waits until no token has come for
 ``flush_quiet_seconds`` (on the injected clock), then emits ``Pause``.
 """
 
@@ -21,9 +22,10 @@ from __future__ import annotations
 import json
 import ssl
 
+from live_transcription.clock import Clock
 from live_transcription.config import Settings
 from live_transcription.stt.base import FRAME_SECONDS, Frame
-from live_transcription.stt.clock import Clock
+from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteEngine, RemoteOptions
 from live_transcription.stt.wire import (
     FlushStep,
@@ -39,6 +41,9 @@ from live_transcription.stt.wire import (
 MODEL_DELAY_SECONDS = 0.48
 FLUSH_SILENCE_SECONDS = 1.04
 """Silence sent to push the last words out of the model: >= 1 s, whole frames."""
+KEEPALIVE_SECONDS = 20.0
+"""The server closes after 30 s without a binary frame: an idle pooled
+connection gets one silent frame this often."""
 
 
 class ModalProtocol(WireProtocol):
@@ -57,8 +62,9 @@ class ModalProtocol(WireProtocol):
     def encode_audio(self, frame: Frame) -> bytes:
         return frame.astype("<f4", copy=False).tobytes()
 
-    def flush_plan(self, marker_id: int) -> list[FlushStep]:
-        return [Padding(round(FLUSH_SILENCE_SECONDS / FRAME_SECONDS))]
+    def flush_plan(self, marker_id: int, quiet_frames: int = 0) -> list[FlushStep]:
+        needed = round(FLUSH_SILENCE_SECONDS / FRAME_SECONDS)
+        return [Padding(max(0, needed - quiet_frames))]
 
     def parse(self, message: str | bytes) -> list[ServerEvent]:
         return parse_modal_message(message, self)
@@ -126,11 +132,25 @@ class ModalEngine(RemoteEngine):
         headers: dict[str, str],
         *,
         options: RemoteOptions | None = None,
+        pool: PoolOptions | None = None,
         clock: Clock | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(url, headers, ModalProtocol, options=options, clock=clock, ssl_context=ssl_context)
+        super().__init__(
+            url,
+            headers,
+            ModalProtocol,
+            options=options,
+            pool=pool or PoolOptions(keepalive_seconds=KEEPALIVE_SECONDS),
+            clock=clock,
+            ssl_context=ssl_context,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: object) -> ModalEngine:
-        return cls(settings.modal_stream_url, modal_headers(settings), **kwargs)  # type: ignore[arg-type]
+        pool = PoolOptions(
+            headroom=settings.stt_pool_headroom,
+            max_connections=settings.stt_pool_max,
+            keepalive_seconds=KEEPALIVE_SECONDS,
+        )
+        return cls(settings.modal_stream_url, modal_headers(settings), pool=pool, **kwargs)  # type: ignore[arg-type]

@@ -8,8 +8,9 @@ channels", then closes: the stream backs off and retries). The client sends
 means the speaker paused) and echoes ``Marker`` once the audio before it has
 gone through the model.
 
-Flush (exact): ``delay + 1`` frames of silence, a ``Marker``, ``delay + 1``
-more frames of silence, then read until the marker comes back.
+Flush (exact): ``delay + 1`` frames of silence (the quiet frames the speech
+ended with count), a ``Marker``, ``delay + 1`` more frames of silence, then
+read until the marker comes back.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 import msgpack
 
+from live_transcription.clock import Clock
 from live_transcription.config import Settings
 from live_transcription.stt.base import Frame
-from live_transcription.stt.clock import Clock
+from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteEngine, RemoteOptions
 from live_transcription.stt.wire import (
     FlushStep,
@@ -43,8 +45,9 @@ STT_1B_DELAY_FRAMES = 6
 """``kyutai/stt-1b-en_fr``: 0.48 s. (``stt-2.6b-en`` has 32.)"""
 PAUSE_THRESHOLD = 0.5
 
-MOSHI_OPTIONS = RemoteOptions(idle_close_seconds=10.0)
-"""moshi-server closes after 20 s with nothing received: close earlier ourselves."""
+KEEPALIVE_SECONDS = 10.0
+"""moshi-server closes after 20 s with nothing received: an idle pooled
+connection gets one silent frame this often."""
 
 
 class MoshiProtocol(WireProtocol):
@@ -68,9 +71,9 @@ class MoshiProtocol(WireProtocol):
         packed: bytes = msgpack.packb({"type": "Marker", "id": marker_id})
         return packed
 
-    def flush_plan(self, marker_id: int) -> list[FlushStep]:
+    def flush_plan(self, marker_id: int, quiet_frames: int = 0) -> list[FlushStep]:
         padding = self.delay_frames + 1
-        return [Padding(padding), SendMarker(marker_id), Padding(padding)]
+        return [Padding(max(0, padding - quiet_frames)), SendMarker(marker_id), Padding(padding)]
 
     def parse(self, message: str | bytes) -> list[ServerEvent]:
         return parse_moshi_message(message, self)
@@ -142,6 +145,7 @@ class MoshiEngine(RemoteEngine):
         *,
         delay_frames: int = STT_1B_DELAY_FRAMES,
         options: RemoteOptions | None = None,
+        pool: PoolOptions | None = None,
         clock: Clock | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -152,11 +156,17 @@ class MoshiEngine(RemoteEngine):
             url,
             headers,
             lambda: MoshiProtocol(delay_frames),
-            options=options or MOSHI_OPTIONS,
+            options=options,
+            pool=pool or PoolOptions(keepalive_seconds=KEEPALIVE_SECONDS),
             clock=clock,
             ssl_context=ssl_context,
         )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MoshiEngine:
-        return cls(settings.moshi_url, settings.moshi_api_key.get_secret_value())
+        pool = PoolOptions(
+            headroom=settings.stt_pool_headroom,
+            max_connections=settings.stt_pool_max,
+            keepalive_seconds=KEEPALIVE_SECONDS,
+        )
+        return cls(settings.moshi_url, settings.moshi_api_key.get_secret_value(), pool=pool)

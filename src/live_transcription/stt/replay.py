@@ -43,9 +43,10 @@ class ConnectionTimeline:
 
     MAX_SEGMENTS = 256
 
-    def __init__(self) -> None:
+    def __init__(self, start_frame: int = 0) -> None:
         self._segments: deque[_Segment] = deque(maxlen=self.MAX_SEGMENTS)
-        self.server_frames = 0
+        self.server_frames = start_frame
+        """Frames the connection has carried (those sent before this lease included)."""
 
     def record_audio(self, stream_index: int) -> None:
         last = self._segments[-1] if self._segments else None

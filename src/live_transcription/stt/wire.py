@@ -93,7 +93,9 @@ class WireProtocol(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def flush_plan(self, marker_id: int) -> list[FlushStep]: ...
+    def flush_plan(self, marker_id: int, quiet_frames: int = 0) -> list[FlushStep]:
+        """What to send to get the last words out; ``quiet_frames``: how many
+        quiet frames the speech already ended with (they count as padding)."""
 
     @abstractmethod
     def parse(self, message: str | bytes) -> list[ServerEvent]: ...
