@@ -416,6 +416,8 @@ class LoadGenerator:
         self.patterns = patterns
         self.word_latency = WordLatency(word_map) if word_map is not None else None
         self.counters = Counters()
+        self.totals = Counters()
+        """The same counts, never reset (a scenario's lost-word check)."""
         self._speaker_kind: dict[str, str] = {}
         self._rooms: dict[str, list[str]] = {}
         self._names = itertools.count(1)
@@ -447,8 +449,12 @@ class LoadGenerator:
         new = max(0, count - self._shown.get(speaker, 0))
         self._shown[speaker] = 0 if final else max(count, self._shown.get(speaker, 0))
         self.counters.words_delivered += new
+        self.totals.words_delivered += new
         if sub is not None and new and arrived - sub.track.last_talk > SILENT_AFTER_S:
             self.counters.words_while_silent += new
+            self.totals.words_while_silent += new
+        if sub is None:
+            self.totals.transcripts_unknown_speaker += 1
         if sub is None or self.word_latency is None or isinstance(sub.track, ScheduledTrack):
             self.counters.transcripts_unknown_speaker += sub is None
             return
@@ -712,6 +718,9 @@ class LoadGenerator:
             "utterances": sum(s.track.utterances for s in self.bridge.subscriptions.values()),
             "words_delivered": self.counters.words_delivered,
             "words_while_silent": self.counters.words_while_silent,
+            "words_delivered_total": self.totals.words_delivered,
+            "words_while_silent_total": self.totals.words_while_silent,
+            "transcripts_unknown_speaker_total": self.totals.transcripts_unknown_speaker,
             "gc_collections": self.gc_pauses.count,
             "gc_full_collections": self.gc_pauses.full,
             "gc_pause_total_ms": round(self.gc_pauses.total * 1000, 1),

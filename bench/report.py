@@ -383,9 +383,12 @@ def markdown(results: Json, images: dict[str, str]) -> str:
         summary(results),
         "",
     ]
+    from bench import production  # here: production imports this module
+
+    parts += [production.section(results), ""]
     for kind, title in (
-        ("active", "Active speakers"),
-        ("silent", "Silent participants (in call with audio, not speaking)"),
+        ("active", "Active speakers (instant engine: lower bound, no STT transport)"),
+        ("silent", "Silent participants, in call with audio, not speaking (instant engine: lower bound)"),
     ):
         rows = windows(results, kind)
         section = results.get(kind)

@@ -557,23 +557,13 @@ async def measure(
     kind: str,
     seconds: float,
     fake: FakeStt | None = None,
-    settle: float = 0.0,
 ) -> Window:
-    """One window. With ``settle``, the generator is hushed for ``settle``
-    seconds before and after it, so every word spoken in the window has come
-    back when the words sent by the STT and delivered to the HPB are
-    compared (lost words)."""
-    if settle > 0:
-        await loadgen.call("hush", on=True)
-        await asyncio.sleep(settle)
     await loadgen.call("stats", reset=True)
     if fake is not None:
         await fake.call("stats", reset=True)
     fake_sampler = ProcessSampler(fake.pid) if fake is not None else None
     fake_before = fake_sampler.sample() if fake_sampler is not None else None
     before_metrics = await service.metrics()
-    if settle > 0:
-        await loadgen.call("hush", on=False)
     before = service.sample()
     gen_before = generator.sample()
     rss: list[int] = []
@@ -593,15 +583,8 @@ async def measure(
     gen_after = generator.sample()
     fake_after = fake_sampler.sample() if fake_sampler is not None else None
     after_metrics = await service.metrics()
-    stats = await loadgen.call("stats", reset=settle <= 0)
-    words = stats
-    if settle > 0:
-        await loadgen.call("hush", on=True)
-        await asyncio.sleep(settle)
-        words = await loadgen.call("stats", reset=True)
+    stats = await loadgen.call("stats", reset=True)
     stt = await fake.call("stats", reset=True) if fake is not None else {}
-    if settle > 0:
-        await loadgen.call("hush", on=False)
     health = await service.health()
     changed = analysis.diff(after_metrics, before_metrics)
     latencies = [1000 * v for v in stats["latencies"]]
@@ -633,8 +616,8 @@ async def measure(
     window.utterances = int(stats.get("utterances", 0))
     window.talking_mean = sum(talking) / len(talking) if talking else math.nan
     window.talking_max = max(talking, default=0)
-    window.words_delivered = int(words.get("words_delivered", 0))
-    window.words_while_silent = int(words.get("words_while_silent", 0))
+    window.words_delivered = int(stats.get("words_delivered", 0))
+    window.words_while_silent = int(stats.get("words_while_silent", 0))
     window.stt = {k: v for k, v in stt.items() if k != "id"}
     if stt_open:
         window.stt_open_mean = sum(stt_open) / len(stt_open)
@@ -643,6 +626,30 @@ async def measure(
         window.stt_cpu_percent = cpu_percent(fake_before, fake_after)
     window.service_stt = service_stt_metrics(changed, after_metrics)
     return window
+
+
+async def account_words(loadgen: LoadGen, fake: FakeStt | None, settle: float) -> Json:
+    """Lost and misattributed words over the whole scenario: the generator
+    falls silent for ``settle`` seconds so the last words come back, then
+    the words the STT sent are compared with the words that reached the HPB.
+    The windows themselves are not disturbed (a hush inside a window would
+    cut utterances short and put the word map off)."""
+    if fake is None or settle <= 0:
+        return {}
+    await loadgen.call("hush", on=True)
+    await asyncio.sleep(settle)
+    delivered = await loadgen.call("stats", reset=False)
+    sent = await fake.call("stats", reset=False)
+    await loadgen.call("hush", on=False)
+    words_sent = int(sent["words_total"])
+    words_delivered = int(delivered["words_delivered_total"])
+    return {
+        "stt_words": words_sent,
+        "delivered": words_delivered,
+        "lost": words_sent - words_delivered,
+        "while_silent": int(delivered["words_while_silent_total"]),
+        "unknown_speaker_transcripts": int(delivered["transcripts_unknown_speaker_total"]),
+    }
 
 
 def service_stt_metrics(changed: analysis.Scrape, after: analysis.Scrape) -> Json:
@@ -748,7 +755,7 @@ async def scenario_production(
     profile: Json = {}
     shape = "present" if levels else "absent"
     label = f"{kind}-{engine}-{shape}"
-    settle = opts.settle if engine != "instant" else 0.0
+    words: Json = {}
     async with production_stack(opts, word_map, label, engine, levels=levels) as (loadgen, service, fake):
         generator = ProcessSampler(loadgen.pid)
         rooms = Rooms(service, loadgen, opts.per_room, kind)
@@ -762,7 +769,7 @@ async def scenario_production(
             await rooms.grow_to(n, kind)
             await asyncio.sleep(opts.warmup)
             window = await measure(
-                service, loadgen, generator, n=n, kind=kind, seconds=opts.measure, fake=fake, settle=settle
+                service, loadgen, generator, n=n, kind=kind, seconds=opts.measure, fake=fake
             )
             windows.append(_label(window, engine, shape))
             log.info("%s N=%d (%.0f s): %s", label, n, time.monotonic() - started, _brief(window))
@@ -771,6 +778,7 @@ async def scenario_production(
             if not service.alive():
                 log.error("the service died at N=%d", n)
                 break
+        words = await account_words(loadgen, fake, opts.settle)
         await rooms.close_all()
     return {
         "kind": kind,
@@ -778,6 +786,7 @@ async def scenario_production(
         "levels": shape,
         "windows": [asdict(w) for w in windows],
         "profile": profile,
+        "words": words,
     }
 
 
@@ -795,7 +804,7 @@ async def scenario_meeting(opts: Options, engine: str, levels: bool) -> Json:
     profile: Json = {}
     shape = "present" if levels else "absent"
     label = f"meeting-{engine}-{shape}"
-    settle = opts.settle if engine != "instant" else 0.0
+    words: Json = {}
     mix = meeting.MixShape(room_min=opts.room_min, room_max=opts.room_max, talk_share=opts.talk_share)
     sizes = meeting.room_sizes(max(opts.participants, default=0), mix, opts.seed)
     async with production_stack(opts, None, label, engine, levels=levels) as (loadgen, service, fake):
@@ -833,7 +842,6 @@ async def scenario_meeting(opts: Options, engine: str, levels: bool) -> Json:
                 kind="meeting",
                 seconds=opts.measure,
                 fake=fake,
-                settle=settle,
             )
             windows.append(_label(window, engine, shape))
             log.info("%s N=%d (%.0f s): %s", label, total, time.monotonic() - started, _brief(window))
@@ -842,6 +850,7 @@ async def scenario_meeting(opts: Options, engine: str, levels: bool) -> Json:
             if not service.alive():
                 log.error("the service died at N=%d", total)
                 break
+        words = await account_words(loadgen, fake, opts.settle)
         for token in opened:
             await service.leave(token)
             await loadgen.call("end_room", token=token)
@@ -853,6 +862,7 @@ async def scenario_meeting(opts: Options, engine: str, levels: bool) -> Json:
         "mix": asdict(mix),
         "windows": [asdict(w) for w in windows],
         "profile": profile,
+        "words": words,
     }
 
 

@@ -105,6 +105,8 @@ class Load:
     silent_seconds: float = 0.0
     frames: int = 0
     words: int = 0
+    words_total: int = 0
+    """Words sent since the start (never reset)."""
     connections_opened: int = 0
     connections_closed: int = 0
     refused_full: int = 0
@@ -143,11 +145,12 @@ class Load:
         self._advance(now)
         out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         if reset:
-            open_now, busy = self.open_now, self.busy_now
+            open_now, busy, words_total = self.open_now, self.busy_now, self.words_total
             for name, value in asdict(Load()).items():
                 setattr(self, name, value)
             self.open_now = self.open_max = open_now
             self.busy_now = busy
+            self.words_total = words_total
             self._since = now
         return out
 
@@ -193,6 +196,7 @@ class BenchModalServer(FakeModalKyutai):
                 self.load.audio(samples.size / SAMPLE_RATE, EnergyWords.voiced(samples))
                 for text, _, _ in model.feed(samples):
                     self.load.words += 1
+                    self.load.words_total += 1
                     await ws.send(json.dumps({"type": "token", "text": text}))
         except ConnectionClosed:
             self.client_closes += 1
@@ -253,6 +257,7 @@ class BenchMoshiServer(FakeMoshiServer):
             for text, start, end in model.feed(samples):
                 seen_word = True
                 self.load.words += 1
+                self.load.words_total += 1
                 await self._send(ws, {"type": "Word", "text": text, "start_time": start * FRAME_SECONDS})
                 await self._send(ws, {"type": "EndWord", "stop_time": end * FRAME_SECONDS})
             paused = (
