@@ -15,7 +15,7 @@ The matching assumes the service is less than one pattern period behind
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,6 +153,56 @@ class WordLatency:
             state.words_shown = max(state.words_shown, count)
         return added
 
+    def on_turn_transcript(
+        self,
+        speaker: str,
+        text: str,
+        *,
+        final: bool,
+        arrived: float,
+        log: SendLog,
+        onsets: Sequence[int],
+        unmeasured: Collection[int] = (),
+    ) -> int:
+        """The same for a stream whose utterances start at any packet
+        (``onsets``: packet indexes of utterance starts, oldest first): word k
+        of an utterance completes ``word_map.words(0)[k]`` packets after its
+        onset. A word that would complete after the next onset, or of an
+        utterance in ``unmeasured`` (one that followed its previous one too
+        closely for the map to hold), is unmatched."""
+        state = self._speakers.setdefault(speaker, _SpeakerState())
+        count = len(text.split())
+        if final:
+            self.finals += 1
+        else:
+            self.partials += 1
+        if count > state.words_shown and state.utterance is None:
+            state.utterance = newest_onset(log, onsets, arrived)
+        added = 0
+        words = self.word_map.words(0)
+        for k in range(state.words_shown, count):
+            onset = state.utterance
+            if onset is None or k >= len(words) or onset in unmeasured:
+                self.unmatched += 1
+                continue
+            index = onset + words[k]
+            later = [o for o in onsets if o > onset]
+            if later and index >= later[0]:
+                self.unmatched += 1
+                continue
+            sent_at = log.time_of(index)
+            if sent_at is None or sent_at > arrived:
+                self.early += 1
+                continue
+            self._add(arrived - sent_at)
+            added += 1
+        if final:
+            state.words_shown = 0
+            state.utterance = None
+        else:
+            state.words_shown = max(state.words_shown, count)
+        return added
+
     def _add(self, latency: float) -> None:
         if len(self.latencies) >= self.max_samples:
             self.samples_dropped += 1
@@ -163,6 +213,17 @@ class WordLatency:
         """The latencies so far, and start over (the caption state is kept)."""
         taken, self.latencies = self.latencies, []
         return taken
+
+
+def newest_onset(log: SendLog, onsets: Sequence[int], arrived: float) -> int | None:
+    """The newest utterance onset (packet index) sent no later than ``arrived``."""
+    for onset in reversed(onsets):
+        sent_at = log.time_of(onset)
+        if sent_at is None:
+            return None
+        if sent_at <= arrived:
+            return onset
+    return None
 
 
 def word_map_from_events(period: int, first_talk: int, events: Sequence[tuple[str, int]]) -> WordMap:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import itertools
@@ -57,6 +58,10 @@ log = logging.getLogger("bench.loadgen")
 Json = dict[str, Any]
 SPEAKER_FLAGS = IN_CALL | WITH_AUDIO | 4  # in call, audio, video (a browser's 7)
 TARGET_FLAGS = IN_CALL  # listening, no microphone: not a speaker itself
+MEASURABLE_GAP_PACKETS = 50
+"""An utterance whose word latency is matched starts after 1 s of silence at
+least: the service's gate (600 ms speech end) has closed and frames restart
+at its onset, as in the word map."""
 SILENT_AFTER_S = 3.0
 """A word for a speaker silent this long cannot be theirs (longest flush + delay is ~1.6 s)."""
 
@@ -226,16 +231,28 @@ class ScheduledTrack(PatternTrack):
     ) -> None:
         super().__init__(pattern, 0, ticker, phase, levels=levels)
         self.schedule = schedule
+        self.onsets: collections.deque[int] = collections.deque(maxlen=64)
+        """Packet indexes where this participant's recent utterances started."""
+        self.unmeasured: set[int] = set()
+        """Onsets too soon after the previous utterance for the word map to hold."""
+        self._quiet = MEASURABLE_GAP_PACKETS
         self._talk_cursor = 0
         self._pause_cursor = 0
 
     def _position(self, index: int) -> tuple[int, bool]:
-        if self.schedule[index % len(self.schedule)]:
+        if self.schedule[index % len(self.schedule)] and not self._ticker.hushed:
+            if not self.talking:
+                self.onsets.append(index)
+                if self._quiet < MEASURABLE_GAP_PACKETS:
+                    self.unmeasured.add(index)
+                self.unmeasured = {o for o in self.unmeasured if o >= self.onsets[0]}
+            self._quiet = 0
             position = self._talk_cursor % max(1, self.pattern.talk_packets)
             self._talk_cursor += 1
             return position, True
         position = self.pattern.talk_packets + self._pause_cursor % max(1, self.pattern.pause_packets)
         self._pause_cursor += 1
+        self._quiet += 1
         return position, False
 
 
@@ -455,8 +472,19 @@ class LoadGenerator:
             self.totals.words_while_silent += new
         if sub is None:
             self.totals.transcripts_unknown_speaker += 1
-        if sub is None or self.word_latency is None or isinstance(sub.track, ScheduledTrack):
+        if sub is None or self.word_latency is None:
             self.counters.transcripts_unknown_speaker += sub is None
+            return
+        if isinstance(sub.track, ScheduledTrack):
+            self.counters.words_seen += self.word_latency.on_turn_transcript(
+                speaker,
+                text,
+                final=final,
+                arrived=arrived,
+                log=sub.track.log,
+                onsets=sub.track.onsets,
+                unmeasured=sub.track.unmeasured,
+            )
             return
         self.counters.words_seen += self.word_latency.on_transcript(
             speaker,

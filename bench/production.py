@@ -65,8 +65,9 @@ def figures(window: Json, profile: Json | None = None) -> Json:
         "talkers_max": window.get("talking_max", math.nan),
         "cpu_per_talker": _ratio(cpu, talkers) if n else math.nan,
         "rss_mb": _num(window.get("rss_mb")),
-        "added_latency_ms": {q: _num(service.get(q)) for q in ("p50", "p95", "p99")},
-        "word_latency_ms": {q: _num(word.get(q)) for q in ("p50", "p95", "p99")},
+        "added_latency_ms": {q: _num(word.get(q)) for q in ("p50", "p95", "p99")},
+        "service_histogram_ms": {q: _num(service.get(q)) for q in ("p50", "p95", "p99")},
+        "latency_samples": int(window.get("words", 0)),
         "stt_audio_s": stt_audio,
         "participant_audio_s": participant_audio,
         "stt_ratio": _ratio(stt_audio, participant_audio),
@@ -112,7 +113,7 @@ def run_table(run: Json) -> str:
     for window in run.get("windows", []):
         f = figures(window, profile)
         lat = f["added_latency_ms"]
-        word = f["word_latency_ms"]
+        hist = f["service_histogram_ms"]
         rows.append(
             [
                 f["n"],
@@ -121,8 +122,9 @@ def run_table(run: Json) -> str:
                 _fmt(f["talkers_mean"]),
                 _fmt(f["cpu_per_talker"], 3),
                 _fmt(f["rss_mb"]),
-                f"{_fmt(lat['p50'])} / {_fmt(lat['p95'])} / {_fmt(lat['p99'])}",
-                f"{_fmt(word['p50'])} / {_fmt(word['p99'])}",
+                f"{_fmt(lat['p50'])} / {_fmt(lat['p95'])} / {_fmt(lat['p99'])}"
+                f" ({f['latency_samples']} words)",
+                f"{_fmt(hist['p50'])} / {_fmt(hist['p99'])}",
                 _fmt(f["stt_ratio"], 3),
                 _fmt(f["talk_share"], 3),
                 _fmt(f["stt_over_allowed"], 2),
@@ -143,7 +145,7 @@ def run_table(run: Json) -> str:
             "CPU %/talker",
             "RSS MB",
             "added latency p50/p95/p99 ms",
-            "word latency p50/p99 ms",
+            "service histogram p50/p99 ms",
             "STT audio / participant audio",
             "talk share",
             "STT audio / (talk + 0.3 s per utterance)",
@@ -206,15 +208,16 @@ def targets(runs: dict[str, Json]) -> str:
             continue
         top = figures(windows[-1], profile)
         at = f"{key} N={top['n']}"
-        rows.append(
-            [
-                at,
-                "STT audio / (talk + 0.3 s per utterance)",
-                _fmt(top["stt_over_allowed"], 2),
-                "<= 1",
-                _ok(top["stt_over_allowed"] <= 1),
-            ]
-        )
+        if top["stt_allowed_s"] > 0:
+            value = top["stt_over_allowed"]
+            rows.append(
+                [at, "STT audio / (talk + 0.3 s per utterance)", _fmt(value, 2), "<= 1", _ok(value <= 1)]
+            )
+        else:
+            value = top["stt_ratio"]
+            rows.append(
+                [at, "STT audio / participant audio (nobody talks)", _fmt(value, 3), "~0", "see table"]
+            )
         rows.append(
             [
                 at,
@@ -233,7 +236,7 @@ def targets(runs: dict[str, Json]) -> str:
             value = top["cpu_per_participant"]
             rows.append([at, "CPU % per silent participant", _fmt(value, 3), "<= 0.04", _ok(value <= 0.04)])
         at100 = next((w for w in windows if w["n"] == 100), None)
-        if at100 is not None and kind == "active":
+        if at100 is not None and kind in ("active", "meeting"):
             p99 = figures(at100)["added_latency_ms"]["p99"]
             rows.append([f"{key} N=100", "added latency p99 ms", _fmt(p99), "< 40", _ok(p99 < 40)])
         words = run.get("words") or {}
@@ -260,15 +263,20 @@ def _ok(ok: bool) -> str:
 METHOD = """\
 How these figures are taken:
 
-- **Added latency** is the service's own histogram
-  `live_transcription_caption_latency_seconds` (an audio frame's arrival to
-  the caption leaving for the HPB, inside the process). With the production
-  engines the frame goes through the engine client, TLS and loopback to the
-  fake STT in another process and the word comes back the same way; the fake
-  answers at zero delay (`--stt-delay-frames 0`), so no model delay is in
-  the figure. *Word latency* is measured outside (packet sent by the
-  generator -> transcript at the HPB emulator) where a word map exists
-  (active speakers, not the meeting mix).
+- **Added latency** is measured outside the service: from the generator
+  handing over the RTP packet that completes a word's audio to the
+  transcript carrying that word arriving at the HPB emulator (same process,
+  same clock). The word goes through the engine client, TLS and loopback to
+  the fake STT in another process and back; the fake answers at zero delay
+  (`--stt-delay-frames 0`), so no model delay is in the figure. Which packet
+  completes which word is known offline (the service's audio gate and the
+  fake's word rule over the pattern). In the meeting mix the same map is
+  used from each utterance's onset; utterances that start less than 1 s
+  after the previous one are left out (the gate has not closed, so frames do
+  not restart at the onset). The service's own histogram
+  (`live_transcription_caption_latency_seconds`) is shown beside it: it
+  dates a word by the engine's assumed model delay (Modal: 0.48 s), so with
+  a zero-delay fake it reads that much too high.
 - **STT load** is counted by the fake STT server itself: audio-seconds it
   received, over participant audio-seconds (N x window). *Talk* is what the
   generator sent as speech; the allowance is talk + 0.3 s per utterance.

@@ -796,7 +796,7 @@ def _label(window: Window, engine: str, levels: str) -> Window:
     return window
 
 
-async def scenario_meeting(opts: Options, engine: str, levels: bool) -> Json:
+async def scenario_meeting(opts: Options, word_map: WordMap | None, *, engine: str, levels: bool) -> Json:
     """The meeting mix: rooms of ``room_min``-``room_max`` participants, each
     talking about ``talk_share`` of the time (``bench.meeting``), grown
     room by room to each N of ``participants``."""
@@ -807,7 +807,7 @@ async def scenario_meeting(opts: Options, engine: str, levels: bool) -> Json:
     words: Json = {}
     mix = meeting.MixShape(room_min=opts.room_min, room_max=opts.room_max, talk_share=opts.talk_share)
     sizes = meeting.room_sizes(max(opts.participants, default=0), mix, opts.seed)
-    async with production_stack(opts, None, label, engine, levels=levels) as (loadgen, service, fake):
+    async with production_stack(opts, word_map, label, engine, levels=levels) as (loadgen, service, fake):
         generator = ProcessSampler(loadgen.pid)
         opened: list[str] = []
         total = 0
@@ -1165,16 +1165,19 @@ async def run(opts: Options, command: str) -> Json:
                 started = time.monotonic()
                 log.info("scenario %s", key)
                 try:
+                    model = "instant" if engine == "instant" else "energy"
+                    if (model, levels) not in maps:
+                        maps[model, levels] = (
+                            word_map
+                            if (model, levels) == ("instant", True)
+                            else await compute_word_map(pattern, engine=engine, levels=levels)
+                        )
                     if scenario == "meeting":
-                        runs[key] = await scenario_meeting(opts, engine, levels)
+                        # words per utterance from its onset: the fake's model only
+                        # (the instant engine's count runs across utterances)
+                        turn_map = maps[model, levels] if model == "energy" else None
+                        runs[key] = await scenario_meeting(opts, turn_map, engine=engine, levels=levels)
                     else:
-                        model = "instant" if engine == "instant" else "energy"
-                        if (model, levels) not in maps:
-                            maps[model, levels] = (
-                                word_map
-                                if (model, levels) == ("instant", True)
-                                else await compute_word_map(pattern, engine=engine, levels=levels)
-                            )
                         steps = opts.speakers if scenario == "active" else opts.silent
                         runs[key] = await scenario_production(
                             opts, maps[model, levels], scenario, steps, engine=engine, levels=levels
