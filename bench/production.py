@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from bench import stages
-from bench.report import Json, _fmt, table
+from bench.report import Json, _fmt, table, valid
 
 UTTERANCE_ALLOWANCE_S = 0.3
 """STT audio allowed beyond the talk itself, per utterance (pre-roll + flush)."""
@@ -134,6 +134,7 @@ def run_table(run: Json) -> str:
                 f"{f['words_delivered']} / {f['words_while_silent']}",
                 _fmt(f["frames_dropped"], 0),
                 f"{_fmt(f['stt_cpu_percent'])} / {_fmt(f['generator_cpu_percent'])}",
+                "yes" if _valid(window) else "**no**",
             ]
         )
     return table(
@@ -155,6 +156,7 @@ def run_table(run: Json) -> str:
             "words delivered / while silent",
             "frames dropped",
             "CPU % fake STT / generator",
+            "valid window",
         ],
         rows,
     )
@@ -207,7 +209,7 @@ def targets(runs: dict[str, Json]) -> str:
         if not windows:
             continue
         top = figures(windows[-1], profile)
-        at = f"{key} N={top['n']}"
+        at = f"{key} N={top['n']}" + ("" if _valid(windows[-1]) else " (invalid window)")
         if top["stt_allowed_s"] > 0:
             value = top["stt_over_allowed"]
             rows.append(
@@ -254,6 +256,14 @@ def targets(runs: dict[str, Json]) -> str:
     if not rows:
         return "No production-path run in these results."
     return table(["run", "figure", "value", "target", "verdict"], rows)
+
+
+def _valid(window: Json) -> bool:
+    """Every stream up and the generator kept its pace (``report.valid``)."""
+    try:
+        return valid(window)
+    except KeyError:
+        return False
 
 
 def _ok(ok: bool) -> str:

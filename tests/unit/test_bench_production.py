@@ -31,6 +31,8 @@ def _window(n: int, **over: Any) -> dict[str, Any]:
         "words_delivered": 30 * n,
         "words_while_silent": 0,
         "frames_dropped": 0.0,
+        "connected": n,
+        "ticker_skipped": 0,
         "engine": "modal",
         "levels": "present",
     }
@@ -87,6 +89,14 @@ def test_targets_say_met_or_not_met_per_figure() -> None:
     assert "added latency p99 ms | 45.0 | < 40 | **not met**" in targets({"a": slow})
     lossy = targets({"active/modal/present": _run(words={"lost": 2, "while_silent": 1})})
     assert "| 2 / 1 | 0 / 0 | **not met** |" in lossy
+
+
+def test_a_window_whose_generator_fell_behind_is_marked_invalid() -> None:
+    run = _run()
+    assert "| yes |" in section({"runs": {"a": run}})
+    run["windows"][1]["ticker_skipped"] = 10_000
+    assert "| **no** |" in section({"runs": {"a": run}})
+    assert "a N=100 (invalid window)" in targets({"a": run})
 
 
 def test_a_silent_run_shows_its_stt_audio_share_not_the_talk_allowance() -> None:
