@@ -167,9 +167,12 @@ class WordLatency:
         """The same for a stream whose utterances start at any packet
         (``onsets``: packet indexes of utterance starts, oldest first): word k
         of an utterance completes ``word_map.words(0)[k]`` packets after its
-        onset. A word that would complete after the next onset, or of an
-        utterance in ``unmeasured`` (one that followed its previous one too
-        closely for the map to hold), is unmatched."""
+        onset. Unmatched: a word the map puts after the next onset, a word of
+        an utterance in ``unmeasured`` (one that followed its previous one too
+        closely for the map to hold), and a word that arrives in a caption
+        begun in an earlier utterance once a newer one has started (the
+        service joined two utterances into one caption: whose word it is
+        cannot be told)."""
         state = self._speakers.setdefault(speaker, _SpeakerState())
         count = len(text.split())
         if final:
@@ -180,9 +183,10 @@ class WordLatency:
             state.utterance = newest_onset(log, onsets, arrived)
         added = 0
         words = self.word_map.words(0)
+        joined = state.utterance is not None and newest_onset(log, onsets, arrived) != state.utterance
         for k in range(state.words_shown, count):
             onset = state.utterance
-            if onset is None or k >= len(words) or onset in unmeasured:
+            if onset is None or k >= len(words) or onset in unmeasured or joined:
                 self.unmatched += 1
                 continue
             index = onset + words[k]

@@ -90,6 +90,8 @@ class Options:
     service_cmd: str = ""
     service_log_level: str = "WARNING"
     engines: list[str] = field(default_factory=lambda: ["modal"])
+    also_engines: list[str] = field(default_factory=lambda: ["moshi", "instant"])
+    """Run only ``active`` with levels present (moshi once; instant, the lower bound)."""
     levels: list[str] = field(default_factory=lambda: ["present", "absent"])
     stt_delay_frames: int = 0
     participants: list[int] = field(default_factory=lambda: [100, 300])
@@ -1157,38 +1159,36 @@ async def run(opts: Options, command: str) -> Json:
     results["reference_start"] = await asyncio.to_thread(machine_reference)
     runs: Json = results.setdefault("runs", {})
     maps: dict[tuple[str, bool], WordMap | None] = {}
-    for engine in opts.engines:
-        for shape in opts.levels:
-            levels = shape == "present"
-            for scenario in (s for s in opts.scenarios if s in LOAD_SCENARIOS):
-                key = f"{scenario}/{engine}/{shape}"
-                started = time.monotonic()
-                log.info("scenario %s", key)
-                try:
-                    model = "instant" if engine == "instant" else "energy"
-                    if (model, levels) not in maps:
-                        maps[model, levels] = (
-                            word_map
-                            if (model, levels) == ("instant", True)
-                            else await compute_word_map(pattern, engine=engine, levels=levels)
-                        )
-                    if scenario == "meeting":
-                        # words per utterance from its onset: the fake's model only
-                        # (the instant engine's count runs across utterances)
-                        turn_map = maps[model, levels] if model == "energy" else None
-                        runs[key] = await scenario_meeting(opts, turn_map, engine=engine, levels=levels)
-                    else:
-                        steps = opts.speakers if scenario == "active" else opts.silent
-                        runs[key] = await scenario_production(
-                            opts, maps[model, levels], scenario, steps, engine=engine, levels=levels
-                        )
-                        if engine == "instant" and levels:
-                            results[scenario] = runs[key]  # the lower bound's own tables
-                except Exception as exc:
-                    log.exception("scenario %s failed", key)
-                    runs[key] = {"kind": scenario, "engine": engine, "levels": shape, "error": repr(exc)}
-                results.setdefault("durations_s", {})[key] = round(time.monotonic() - started)
-                results_path.write_text(json.dumps(results, indent=1, default=str))
+    for engine, shape, scenario in load_runs(opts):
+        levels = shape == "present"
+        key = f"{scenario}/{engine}/{shape}"
+        started = time.monotonic()
+        log.info("scenario %s", key)
+        try:
+            model = "instant" if engine == "instant" else "energy"
+            if (model, levels) not in maps:
+                maps[model, levels] = (
+                    word_map
+                    if (model, levels) == ("instant", True)
+                    else await compute_word_map(pattern, engine=engine, levels=levels)
+                )
+            if scenario == "meeting":
+                # words per utterance from its onset: the fake's model only
+                # (the instant engine's count runs across utterances)
+                turn_map = maps[model, levels] if model == "energy" else None
+                runs[key] = await scenario_meeting(opts, turn_map, engine=engine, levels=levels)
+            else:
+                steps = opts.speakers if scenario == "active" else opts.silent
+                runs[key] = await scenario_production(
+                    opts, maps[model, levels], scenario, steps, engine=engine, levels=levels
+                )
+                if engine == "instant" and levels:
+                    results[scenario] = runs[key]  # the lower bound's own tables
+        except Exception as exc:
+            log.exception("scenario %s failed", key)
+            runs[key] = {"kind": scenario, "engine": engine, "levels": shape, "error": repr(exc)}
+        results.setdefault("durations_s", {})[key] = round(time.monotonic() - started)
+        results_path.write_text(json.dumps(results, indent=1, default=str))
     for scenario in (s for s in opts.scenarios if s not in LOAD_SCENARIOS):
         started = time.monotonic()
         log.info("scenario %s", scenario)
@@ -1207,6 +1207,22 @@ async def run(opts: Options, command: str) -> Json:
     return results
 
 
+def load_runs(opts: Options) -> list[tuple[str, str, str]]:
+    """(engine, levels, scenario) of every load run, in order: each
+    ``--engine`` with each ``--levels`` and load scenario, then each
+    ``--also-engines`` once (active speakers, levels present)."""
+    runs = [
+        (engine, shape, scenario)
+        for engine in opts.engines
+        for shape in opts.levels
+        for scenario in opts.scenarios
+        if scenario in LOAD_SCENARIOS
+    ]
+    if "active" in opts.scenarios:
+        runs += [(engine, "present", "active") for engine in opts.also_engines if engine not in opts.engines]
+    return runs
+
+
 def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1217,6 +1233,11 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         default="modal",
         help="comma list of modal, moshi (production clients over TLS to the fake STT) and instant"
         " (in-process, zero cost: a lower bound only); active/silent/meeting run once per engine",
+    )
+    parser.add_argument(
+        "--also-engines",
+        default="moshi,instant",
+        help="engines run once more, active speakers with levels only ('' for none)",
     )
     parser.add_argument(
         "--levels", default="present,absent", help="RFC 6464 levels in the RTP: present, absent or both"
@@ -1263,8 +1284,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     engines = [e for e in args.engine.split(",") if e]
-    if not engines or set(engines) - set(ENGINES):
-        parser.error(f"--engine: a comma list of {', '.join(ENGINES)}")
+    also = [e for e in args.also_engines.split(",") if e]
+    if not engines or set(engines) - set(ENGINES) or set(also) - set(ENGINES):
+        parser.error(f"--engine, --also-engines: comma lists of {', '.join(ENGINES)}")
     levels = [shape for shape in args.levels.split(",") if shape]
     if not levels or set(levels) - {"present", "absent"}:
         parser.error("--levels: present, absent or present,absent")
@@ -1294,6 +1316,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         service_cmd=args.service_cmd,
         service_log_level=args.service_log_level,
         engines=engines,
+        also_engines=also,
         levels=levels,
         stt_delay_frames=args.stt_delay_frames,
         participants=[int(p) for p in args.participants.split(",") if p.strip()],
@@ -1316,6 +1339,7 @@ def reproduce_command(opts: Options) -> str:
         "python -m bench.run",
         f"--scenario {','.join(opts.scenarios)}",
         f"--engine {','.join(opts.engines)}",
+        f"--also-engines '{','.join(opts.also_engines)}'",
         f"--levels {','.join(opts.levels)}",
         f"--speakers {ints(map(str, opts.speakers))}",
         f"--silent {ints(map(str, opts.silent))}",

@@ -201,3 +201,13 @@ def test_turn_transcripts_are_matched_from_each_utterance_onset() -> None:
     latency.on_turn_transcript("s", "a", final=True, arrived=23.0, log=log, onsets=onsets, unmeasured={20})
     assert latency.take() == [pytest.approx(14.0), pytest.approx(11.0)]
     assert latency.unmatched == 2
+
+
+def test_a_caption_that_runs_into_the_next_utterance_gets_no_latency_for_its_later_words() -> None:
+    latency = WordLatency(WordMap(PERIOD, ((2, 5),)))
+    log = _log([float(i) for i in range(40)])
+    onsets = [3, 20]
+    assert latency.on_turn_transcript("s", "a", final=False, arrived=6.0, log=log, onsets=onsets) == 1
+    # the next word comes once utterance 2 has started: it may be either's
+    assert latency.on_turn_transcript("s", "a b", final=True, arrived=21.0, log=log, onsets=onsets) == 0
+    assert latency.unmatched == 1
