@@ -306,9 +306,11 @@ How these figures are taken:
   its stack that names one: *receive* (media/, aiortc, aioice, SRTP, DTLS),
   *decode* (audio/: Opus decode, gate, framing), *STT send/read* (stt/:
   conversion, framing, the engine client; library calls such as websockets
-  and ssl under it), *caption send* (captions/, hpb/), *rooms* (glue). Limits:
-  time in uvloop's C code is only seen under the callback it runs, or as
-  *event loop / other*; kernel time is attributed to its caller only with
+  and ssl under it), *caption send* (captions/, hpb/), *rooms* (glue), *event loop itself*
+  (the leaf is the loop's entry: uvloop's C code polling, reading sockets,
+  running transports, with no Python frame below). Limits:
+  time in uvloop's C code is seen under the Python callback it runs, if
+  any; kernel time is attributed to its caller only with
   `--profile-native`; py-spy leaves idle samples out, so shares are of busy
   time and are multiplied by the window's measured CPU; a websockets frame
   read by the loop with no service frame above cannot be told apart between

@@ -47,6 +47,7 @@ from bench import analysis, meeting, report, stages
 from bench.latency import WordMap, word_map_from_events
 from bench.patterns import Pattern, build_pattern
 from bench.procstat import ProcessSampler, Sample, cpu_percent, percentile, slope
+from bench.profile import PY_SPY, record_command
 from bench.stt_server import EnergyWords
 from bench.tls import LocalTls, make_local_tls
 
@@ -869,27 +870,14 @@ async def scenario_meeting(opts: Options, word_map: WordMap | None, *, engine: s
 
 
 async def profile_service(pid: int, opts: Options, label: str) -> Json:
-    py_spy = VENV_BIN / "py-spy"
-    if not py_spy.exists():
+    if not PY_SPY.exists():
         return {"error": "py-spy not installed"}
     raw = opts.work / f"profile-{label}.txt"
     svg = opts.work / f"profile-{label}.svg"
     results: Json = {"seconds": opts.profile_seconds, "svg": str(svg), "raw": str(raw)}
     for fmt, path in (("raw", raw), ("flamegraph", svg)):
         proc = await asyncio.create_subprocess_exec(
-            str(py_spy),
-            "record",
-            "--pid",
-            str(pid),
-            "--duration",
-            str(int(opts.profile_seconds / 2)),
-            "--rate",
-            "100",
-            *(["--native"] if opts.profile_native else []),
-            "--format",
-            fmt,
-            "--output",
-            str(path),
+            *record_command(pid, opts.profile_seconds / 2, fmt, path, native=opts.profile_native),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )

@@ -9,8 +9,9 @@ send*. Library frames with no stage of their own (``websockets``, ``ssl``,
 
 Limits, said in the report: py-spy samples Python stacks (``--native`` adds
 C frames but slows the service more), so time in the event loop itself
-(uvloop's C code polling and dispatching) appears under the callback it
-runs, or as *event loop / other* when no Python frame is on the stack;
+(uvloop's C code polling, reading datagrams and dispatching) appears under
+the callback it runs, or as *event loop itself* when the leaf is the loop's
+entry (``Runner.run``) with no Python frame below;
 kernel time (system calls) is counted where the call was made only with
 ``--native``; py-spy drops idle samples, so shares are of busy time and are
 turned into CPU by multiplying with the window's measured CPU; a
@@ -28,9 +29,10 @@ STT = "STT send/read"
 CAPTION = "caption send"
 ROOMS = "rooms (glue)"
 WEBSOCKETS = "websockets (HPB or STT)"
-OTHER = "event loop / other"
+EVENT_LOOP = "event loop itself"
+OTHER = "other"
 
-STAGES: tuple[str, ...] = (RECEIVE, DECODE, STT, CAPTION, ROOMS, WEBSOCKETS, OTHER)
+STAGES: tuple[str, ...] = (RECEIVE, DECODE, STT, CAPTION, ROOMS, WEBSOCKETS, EVENT_LOOP, OTHER)
 
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (DECODE, ("live_transcription/audio/", "opuslib", "libopus", "av/", "soxr")),
@@ -60,6 +62,11 @@ Order matters only within one frame (a frame matches the first rule)."""
 _FALLBACK: tuple[tuple[str, tuple[str, ...]], ...] = ((WEBSOCKETS, ("websockets/",)),)
 """Used only when no frame of the stack has a stage of its own."""
 
+_LOOP = ("asyncio/runners.py", "asyncio/base_events.py", "selectors.py", "uvloop", "libuv")
+"""A stack whose leaf is here is the event loop's own work: with uvloop,
+polling, reading sockets and running transports in C, below the last
+Python frame (``Runner.run``)."""
+
 
 def _match(frame: str, rules: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
     location = frame.rpartition("(")[2] if "(" in frame else frame
@@ -79,6 +86,8 @@ def stage_of(frames: tuple[str, ...]) -> str:
         stage = _match(frame, _FALLBACK)
         if stage is not None:
             return stage
+    if frames and _match(frames[-1], ((EVENT_LOOP, _LOOP),)):
+        return EVENT_LOOP
     return OTHER
 
 

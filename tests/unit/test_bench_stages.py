@@ -9,6 +9,7 @@ from bench.analysis import parse_collapsed
 from bench.stages import (
     CAPTION,
     DECODE,
+    EVENT_LOOP,
     OTHER,
     RECEIVE,
     ROOMS,
@@ -48,7 +49,9 @@ PUSH = "RemoteStream.push (live_transcription/stt/remote.py)"
         ((LOOP, "CaptionBuilder.add (live_transcription/captions/builder.py)"), CAPTION),
         ((LOOP, "Room._run (live_transcription/rooms/room.py)"), ROOMS),
         ((LOOP, "data_received (websockets/asyncio/connection.py)"), WEBSOCKETS),
-        ((LOOP, "select (selectors.py)"), OTHER),
+        ((LOOP, "select (selectors.py)"), EVENT_LOOP),
+        (("Runner.run (asyncio/runners.py)",), EVENT_LOOP),
+        ((LOOP, "randbytes (random.py)"), OTHER),
         # native frames with no path of ours inherit from the Python caller
         ((LOOP, TICK, RECEIVER, FEED, DECODE_CALL, "opus_decode (libopus.so.0)"), DECODE),
         ((LOOP, RECEIVER, "recvfrom (libc.so.6)"), RECEIVE),
