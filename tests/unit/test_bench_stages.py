@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from bench.analysis import parse_collapsed
@@ -87,3 +88,18 @@ def test_cpu_by_stage_divides_the_measured_cpu_by_the_count() -> None:
     per = cpu_by_stage({RECEIVE: 0.25, DECODE: 0.75}, cpu_percent=40.0, per=100)
     assert per == {RECEIVE: pytest.approx(0.1), DECODE: pytest.approx(0.3)}
     assert cpu_by_stage({RECEIVE: 1.0}, cpu_percent=40.0, per=0) == {RECEIVE: 0.0}
+
+
+def test_the_profile_command_renders_a_recording_by_stage() -> None:
+    from bench.profile import record_command, render
+
+    text = render(
+        [f"{LOOP};{TICK};{RECEIVER} 3", "Runner.run (asyncio/runners.py) 1"], cpu_percent=40.0, per=10
+    )
+    assert "4 samples" in text
+    assert "| receive | 75.0 % | 3.0000 |" in text
+    assert "| event loop itself | 25.0 % | 1.0000 |" in text
+    command = record_command(42, 0.4, "raw", Path("/tmp/x"), native=True)
+    assert command[1:4] == ["record", "--pid", "42"]
+    assert "--native" in command
+    assert command[command.index("--duration") + 1] == "1"
