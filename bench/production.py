@@ -84,12 +84,23 @@ def figures(window: Json, profile: Json | None = None) -> Json:
         "words_while_silent": int(window.get("words_while_silent", 0)),
         "frames_dropped": _num(window.get("frames_dropped")),
         "service_stt": window.get("service_stt") or {},
+        "service_stt_ratio": service_ratio(window.get("service_stt") or {}),
     }
     if profile and profile.get("stages") and profile.get("n") == n and n:
         shares = profile["stages"]
         out["stages_per_participant"] = stages.cpu_by_stage(shares, cpu, n)
         out["stages_per_talker"] = stages.cpu_by_stage(shares, cpu, talkers)
     return out
+
+
+def service_ratio(metrics: Json) -> float:
+    """STT audio over participant audio by the service's own counters
+    (speech, flush and keepalive together), NaN where it has none."""
+    sent = metrics.get("audio_seconds")
+    participants = _num(metrics.get("participant_audio_seconds"))
+    if not isinstance(sent, dict) or not participants > 0:
+        return math.nan
+    return sum(_num(v) for v in sent.values()) / participants
 
 
 def run_title(key: str, run: Json) -> str:
@@ -191,7 +202,11 @@ def service_metrics_lines(run: Json) -> list[str]:
     for window in run.get("windows", []):
         metrics = window.get("service_stt") or {}
         if metrics:
-            lines.append(f"- N = {window['n']}: " + ", ".join(f"{k} {v}" for k, v in sorted(metrics.items())))
+            ratio = service_ratio(metrics)
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(metrics.items()))
+            if not math.isnan(ratio):
+                shown += f"; STT audio / participant audio by these counters {ratio:.3f}"
+            lines.append(f"- N = {window['n']}: {shown}")
     if not lines:
         return ["The service exported none of the STT pool metrics in this run (the fake's counts are used)."]
     return ["The service's own STT metrics over each window:", "", *lines]

@@ -145,9 +145,13 @@ def test_section_renders_every_run_and_says_when_the_service_has_no_stt_metrics(
 
 def test_section_shows_the_service_stt_metrics_when_present() -> None:
     run = _run()
-    run["windows"][1]["service_stt"] = {"audio_seconds": {"speech": 600.0, "flush": 50.0}}
+    run["windows"][1]["service_stt"] = {
+        "audio_seconds": {"speech": 600.0, "flush": 50.0},
+        "participant_audio_seconds": 1000.0,
+    }
     text = section({"runs": {"active/modal/present": run}})
     assert "audio_seconds {'speech': 600.0, 'flush': 50.0}" in text
+    assert "by these counters 0.650" in text
 
 
 def test_the_whole_report_holds_the_production_section() -> None:
