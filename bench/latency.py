@@ -90,6 +90,10 @@ def current_utterance(log: SendLog, offset: int, period: int, arrived: float) ->
 class _SpeakerState:
     words_shown: int = 0
     utterance: int | None = None
+    base: int = 0
+    """Words of the same utterance in earlier captions (a caption cut short)."""
+    last_utterance: int | None = None
+    last_words: int = 0
 
 
 @dataclass(slots=True)
@@ -147,6 +151,9 @@ class WordLatency:
             self._add(arrived - sent_at)
             added += 1
         if final:
+            if state.utterance is not None:
+                state.last_utterance = state.utterance
+                state.last_words = state.base + count
             state.words_shown = 0
             state.utterance = None
         else:
@@ -172,7 +179,8 @@ class WordLatency:
         closely for the map to hold), and a word that arrives in a caption
         begun in an earlier utterance once a newer one has started (the
         service joined two utterances into one caption: whose word it is
-        cannot be told)."""
+        cannot be told). A caption the service cut short (at its longest
+        caption length) is continued by the next one: its words count on."""
         state = self._speakers.setdefault(speaker, _SpeakerState())
         count = len(text.split())
         if final:
@@ -181,15 +189,17 @@ class WordLatency:
             self.partials += 1
         if count > state.words_shown and state.utterance is None:
             state.utterance = newest_onset(log, onsets, arrived)
+            same = state.utterance is not None and state.utterance == state.last_utterance
+            state.base = state.last_words if same else 0
         added = 0
         words = self.word_map.words(0)
         joined = state.utterance is not None and newest_onset(log, onsets, arrived) != state.utterance
         for k in range(state.words_shown, count):
             onset = state.utterance
-            if onset is None or k >= len(words) or onset in unmeasured or joined:
+            if onset is None or state.base + k >= len(words) or onset in unmeasured or joined:
                 self.unmatched += 1
                 continue
-            index = onset + words[k]
+            index = onset + words[state.base + k]
             later = [o for o in onsets if o > onset]
             if later and index >= later[0]:
                 self.unmatched += 1
@@ -201,6 +211,9 @@ class WordLatency:
             self._add(arrived - sent_at)
             added += 1
         if final:
+            if state.utterance is not None:
+                state.last_utterance = state.utterance
+                state.last_words = state.base + count
             state.words_shown = 0
             state.utterance = None
         else:

@@ -211,3 +211,13 @@ def test_a_caption_that_runs_into_the_next_utterance_gets_no_latency_for_its_lat
     # the next word comes once utterance 2 has started: it may be either's
     assert latency.on_turn_transcript("s", "a b", final=True, arrived=21.0, log=log, onsets=onsets) == 0
     assert latency.unmatched == 1
+
+
+def test_a_caption_cut_short_inside_an_utterance_is_continued_by_the_next() -> None:
+    latency = WordLatency(WordMap(PERIOD, ((2, 5, 8),)))
+    log = _log([float(i) for i in range(40)])
+    onsets = [3]
+    # the service ends a long caption after two words; the third word opens a new one
+    assert latency.on_turn_transcript("s", "a b", final=True, arrived=9.0, log=log, onsets=onsets) == 2
+    assert latency.on_turn_transcript("s", "c", final=True, arrived=12.0, log=log, onsets=onsets) == 1
+    assert latency.take() == [pytest.approx(4.0), pytest.approx(1.0), pytest.approx(1.0)]
