@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 from tests.fakes.modal_kyutai import FakeModalKyutai
 from tests.fakes.moshi_server import FakeMoshiServer
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 log = logging.getLogger("bench.stt_server")
@@ -286,44 +286,84 @@ def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    load = Load(_since=time.monotonic())
-    streams = _Streams(args.busy_seconds)
+@dataclass
+class Running:
+    """A serving fake: its server, the fake (protocol state) and the counts."""
+
+    server: Server
     fake: BenchModalServer | BenchMoshiServer
-    if args.engine == "modal":
+    load: Load
+    streams: _Streams
+    url: str
+
+
+async def open_server(
+    engine: str,
+    context: ssl.SSLContext,
+    *,
+    port: int = 0,
+    key: str = "bench-key",
+    secret: str = "bench-secret",
+    delay_frames: int = 0,
+    frames_per_word: int = 4,
+    channels: int = 100_000,
+    idle_close_seconds: float = 30.0,
+    busy_seconds: float = 0.5,
+) -> Running:
+    """Serve the ``engine``'s fake over TLS on 127.0.0.1 (close ``server``)."""
+    load = Load(_since=time.monotonic())
+    streams = _Streams(busy_seconds)
+    fake: BenchModalServer | BenchMoshiServer
+    if engine == "modal":
         fake = BenchModalServer(
             load,
             streams,
-            frames_per_word=args.frames_per_word,
-            key=args.key,
-            secret=args.secret,
-            delay_frames=args.delay_frames,
-            idle_close_seconds=args.idle_close_seconds,
+            frames_per_word=frames_per_word,
+            key=key,
+            secret=secret,
+            delay_frames=delay_frames,
+            idle_close_seconds=idle_close_seconds,
         )
         path = "/v1/stream"
     else:
         fake = BenchMoshiServer(
             load,
             streams,
-            frames_per_word=args.frames_per_word,
-            api_key=args.key,
-            delay_frames=args.delay_frames,
-            channels=args.channels,
-            idle_close_seconds=args.idle_close_seconds,
+            frames_per_word=frames_per_word,
+            api_key=key,
+            delay_frames=delay_frames,
+            channels=channels,
+            idle_close_seconds=idle_close_seconds,
         )
         path = "/api/asr-streaming"
-    context = server_tls(args.cert, args.cert_key)
     server = await serve(
         fake._handle,
         "127.0.0.1",
-        args.port,
+        port,
         process_request=fake._process_request,
         ssl=context,
         compression=None,
         max_size=2**22,
     )
-    port = server.sockets[0].getsockname()[1]
-    _emit({"ready": True, "url": f"wss://127.0.0.1:{port}{path}", "pid": os.getpid()})
+    bound = server.sockets[0].getsockname()[1]
+    return Running(server, fake, load, streams, f"wss://127.0.0.1:{bound}{path}")
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    running = await open_server(
+        args.engine,
+        server_tls(args.cert, args.cert_key),
+        port=args.port,
+        key=args.key,
+        secret=args.secret,
+        delay_frames=args.delay_frames,
+        frames_per_word=args.frames_per_word,
+        channels=args.channels,
+        idle_close_seconds=args.idle_close_seconds,
+        busy_seconds=args.busy_seconds,
+    )
+    server, fake, load, streams = running.server, running.fake, running.load, running.streams
+    _emit({"ready": True, "url": running.url, "pid": os.getpid()})
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
