@@ -222,9 +222,11 @@ class PatternTrack(MediaStreamTrack):
 
 class ScheduledTrack(PatternTrack):
     """A meeting participant: talks when its schedule (one byte per packet,
-    looping) says so, from the talk part of the pattern, and sends the
-    pattern's noise floor otherwise. Word latency is not matched for these
-    (no fixed period): the service's own latency histogram is used."""
+    looping) says so and sends the pattern's noise floor otherwise. Every
+    turn starts at the beginning of the pattern's talk (looping it when
+    longer) and every pause at the beginning of its pause, so each onset
+    looks to the service as the pattern's do, and the word map holds from
+    the onset (``WordLatency.on_turn_transcript``) for the first loop of talk."""
 
     def __init__(
         self, pattern: Pattern, schedule: bytes, ticker: Ticker, phase: int, *, levels: bool
@@ -242,6 +244,7 @@ class ScheduledTrack(PatternTrack):
     def _position(self, index: int) -> tuple[int, bool]:
         if self.schedule[index % len(self.schedule)] and not self._ticker.hushed:
             if not self.talking:
+                self._talk_cursor = 0
                 self.onsets.append(index)
                 if self._quiet < MEASURABLE_GAP_PACKETS:
                     self.unmeasured.add(index)
@@ -250,6 +253,8 @@ class ScheduledTrack(PatternTrack):
             position = self._talk_cursor % max(1, self.pattern.talk_packets)
             self._talk_cursor += 1
             return position, True
+        if self.talking:
+            self._pause_cursor = 0
         position = self.pattern.talk_packets + self._pause_cursor % max(1, self.pattern.pause_packets)
         self._pause_cursor += 1
         self._quiet += 1

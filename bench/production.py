@@ -134,7 +134,8 @@ def run_table(run: Json) -> str:
                 _fmt(f["cpu_per_talker"], 3),
                 _fmt(f["rss_mb"]),
                 f"{_fmt(lat['p50'])} / {_fmt(lat['p95'])} / {_fmt(lat['p99'])}"
-                f" ({f['latency_samples']} words)",
+                f" ({f['latency_samples']} words, {window.get('unmatched_words', 0)} unmatched,"
+                f" {window.get('early_words', 0)} early)",
                 f"{_fmt(hist['p50'])} / {_fmt(hist['p99'])}",
                 _fmt(f["stt_ratio"], 3),
                 _fmt(f["talk_share"], 3),
