@@ -296,10 +296,13 @@ How these figures are taken:
   the fake STT in another process and back; the fake answers at zero delay
   (`--stt-delay-frames 0`), so no model delay is in the figure. Which packet
   completes which word is known offline (the service's audio gate and the
-  fake's word rule over the pattern). In the meeting mix the same map is
-  used from each utterance's onset; utterances that start less than 1 s
-  after the previous one are left out (the gate has not closed, so frames do
-  not restart at the onset). The service's own histogram
+  fake's word rule over the pattern). In the meeting mix every turn starts
+  at the pattern's talk and the same map is used from each onset; words
+  are left unmatched (no latency) past the first 3 s of a turn, in
+  utterances that start less than 1 s after the previous one (the gate has
+  not closed, so frames do not restart at the onset) and in a caption that
+  ran into the speaker's next utterance; *early* words arrived before the
+  packet the map names (the map did not hold) and are left out too. The service's own histogram
   (`live_transcription_caption_latency_seconds`) is shown beside it: it
   dates a word by the engine's assumed model delay (Modal: 0.48 s), so with
   a zero-delay fake it reads that much too high.
