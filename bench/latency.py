@@ -15,7 +15,7 @@ The matching assumes the service is less than one pattern period behind
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +90,10 @@ def current_utterance(log: SendLog, offset: int, period: int, arrived: float) ->
 class _SpeakerState:
     words_shown: int = 0
     utterance: int | None = None
+    base: int = 0
+    """Words of the same utterance in earlier captions (a caption cut short)."""
+    last_utterance: int | None = None
+    last_words: int = 0
 
 
 @dataclass(slots=True)
@@ -147,6 +151,69 @@ class WordLatency:
             self._add(arrived - sent_at)
             added += 1
         if final:
+            if state.utterance is not None:
+                state.last_utterance = state.utterance
+                state.last_words = state.base + count
+            state.words_shown = 0
+            state.utterance = None
+        else:
+            state.words_shown = max(state.words_shown, count)
+        return added
+
+    def on_turn_transcript(
+        self,
+        speaker: str,
+        text: str,
+        *,
+        final: bool,
+        arrived: float,
+        log: SendLog,
+        onsets: Sequence[int],
+        unmeasured: Collection[int] = (),
+    ) -> int:
+        """The same for a stream whose utterances start at any packet
+        (``onsets``: packet indexes of utterance starts, oldest first): word k
+        of an utterance completes ``word_map.words(0)[k]`` packets after its
+        onset. Unmatched: a word the map puts after the next onset, a word of
+        an utterance in ``unmeasured`` (one that followed its previous one too
+        closely for the map to hold), and a word that arrives in a caption
+        begun in an earlier utterance once a newer one has started (the
+        service joined two utterances into one caption: whose word it is
+        cannot be told). A caption the service cut short (at its longest
+        caption length) is continued by the next one: its words count on."""
+        state = self._speakers.setdefault(speaker, _SpeakerState())
+        count = len(text.split())
+        if final:
+            self.finals += 1
+        else:
+            self.partials += 1
+        if count > state.words_shown and state.utterance is None:
+            state.utterance = newest_onset(log, onsets, arrived)
+            same = state.utterance is not None and state.utterance == state.last_utterance
+            state.base = state.last_words if same else 0
+        added = 0
+        words = self.word_map.words(0)
+        joined = state.utterance is not None and newest_onset(log, onsets, arrived) != state.utterance
+        for k in range(state.words_shown, count):
+            onset = state.utterance
+            if onset is None or state.base + k >= len(words) or onset in unmeasured or joined:
+                self.unmatched += 1
+                continue
+            index = onset + words[state.base + k]
+            later = [o for o in onsets if o > onset]
+            if later and index >= later[0]:
+                self.unmatched += 1
+                continue
+            sent_at = log.time_of(index)
+            if sent_at is None or sent_at > arrived:
+                self.early += 1
+                continue
+            self._add(arrived - sent_at)
+            added += 1
+        if final:
+            if state.utterance is not None:
+                state.last_utterance = state.utterance
+                state.last_words = state.base + count
             state.words_shown = 0
             state.utterance = None
         else:
@@ -163,6 +230,17 @@ class WordLatency:
         """The latencies so far, and start over (the caption state is kept)."""
         taken, self.latencies = self.latencies, []
         return taken
+
+
+def newest_onset(log: SendLog, onsets: Sequence[int], arrived: float) -> int | None:
+    """The newest utterance onset (packet index) sent no later than ``arrived``."""
+    for onset in reversed(onsets):
+        sent_at = log.time_of(onset)
+        if sent_at is None:
+            return None
+        if sent_at <= arrived:
+            return onset
+    return None
 
 
 def word_map_from_events(period: int, first_talk: int, events: Sequence[tuple[str, int]]) -> WordMap:

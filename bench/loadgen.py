@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -46,6 +48,7 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpsender import RTCEncodedFrame
 
 from bench.latency import SendLog, WordLatency, WordMap
+from bench.meeting import MixShape, talk_schedule
 from bench.patterns import PACKET_MS, PACKET_SAMPLES, Pattern, build_pattern
 from live_transcription.hpb.protocol import IN_CALL, WITH_AUDIO
 from live_transcription.sim.emulator import HpbEmulator
@@ -55,6 +58,12 @@ log = logging.getLogger("bench.loadgen")
 Json = dict[str, Any]
 SPEAKER_FLAGS = IN_CALL | WITH_AUDIO | 4  # in call, audio, video (a browser's 7)
 TARGET_FLAGS = IN_CALL  # listening, no microphone: not a speaker itself
+MEASURABLE_GAP_PACKETS = 50
+"""An utterance whose word latency is matched starts after 1 s of silence at
+least: the service's gate (600 ms speech end) has closed and frames restart
+at its onset, as in the word map."""
+SILENT_AFTER_S = 3.0
+"""A word for a speaker silent this long cannot be theirs (longest flush + delay is ~1.6 s)."""
 
 
 # --- pacing -----------------------------------------------------------------------------
@@ -76,6 +85,8 @@ class Ticker:
         self.skipped = 0
         self.lag_max = 0.0
         self.lag_over_5ms = 0
+        self.hushed = False
+        """Every stream sends its silence (the harness' quiet end of a window)."""
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -156,13 +167,26 @@ class PatternTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, pattern: Pattern, offset: int, ticker: Ticker, phase: int) -> None:
+    def __init__(
+        self, pattern: Pattern, offset: int, ticker: Ticker, phase: int, *, levels: bool = True
+    ) -> None:
         super().__init__()
         self.pattern = pattern
         self.offset = offset
         self._ticker = ticker
         self._phase = phase
+        self._levels = levels
         self.log = SendLog()
+        self.talk_packets = 0
+        self.utterances = 0
+        self.talking = False
+        self.last_talk = -math.inf
+        self._silence = 0
+
+    def _position(self, index: int) -> tuple[int, bool]:
+        """The pattern position of packet ``index`` and whether it is talk."""
+        position = (self.offset + index) % self.pattern.period
+        return position, position < self.pattern.talk_packets
 
     async def recv(self) -> Any:
         raise MediaStreamError("PatternTrack is read through its sender's patched encoder step")
@@ -175,14 +199,66 @@ class PatternTrack(MediaStreamTrack):
         await self._ticker.wait(self._phase)
         if self.readyState != "live":
             raise MediaStreamError
-        index = self.log.record(time.monotonic())
-        position = (self.offset + index) % self.pattern.period
-        # aiortc writes the extension as -audio_level: pass the level negated
+        now = time.monotonic()
+        index = self.log.record(now)
+        position, talking = self._position(index)
+        if self._ticker.hushed and talking:
+            talking = False
+            position = self.pattern.talk_packets + self._silence % max(1, self.pattern.pause_packets)
+            self._silence += 1
+        if talking:
+            self.talk_packets += 1
+            self.utterances += not self.talking
+            self.last_talk = now
+        self.talking = talking
+        # aiortc writes the extension as -audio_level: pass the level negated;
+        # None sends no level at all (the service must find silence itself)
         return RTCEncodedFrame(
             [self.pattern.payloads[position]],
             index * PACKET_SAMPLES,
-            -self.pattern.levels[position],
+            -self.pattern.levels[position] if self._levels else None,  # type: ignore[arg-type]
         )
+
+
+class ScheduledTrack(PatternTrack):
+    """A meeting participant: talks when its schedule (one byte per packet,
+    looping) says so and sends the pattern's noise floor otherwise. Every
+    turn starts at the beginning of the pattern's talk (looping it when
+    longer) and every pause at the beginning of its pause, so each onset
+    looks to the service as the pattern's do, and the word map holds from
+    the onset (``WordLatency.on_turn_transcript``) for the first loop of talk."""
+
+    def __init__(
+        self, pattern: Pattern, schedule: bytes, ticker: Ticker, phase: int, *, levels: bool
+    ) -> None:
+        super().__init__(pattern, 0, ticker, phase, levels=levels)
+        self.schedule = schedule
+        self.onsets: collections.deque[int] = collections.deque(maxlen=64)
+        """Packet indexes where this participant's recent utterances started."""
+        self.unmeasured: set[int] = set()
+        """Onsets too soon after the previous utterance for the word map to hold."""
+        self._quiet = MEASURABLE_GAP_PACKETS
+        self._talk_cursor = 0
+        self._pause_cursor = 0
+
+    def _position(self, index: int) -> tuple[int, bool]:
+        if self.schedule[index % len(self.schedule)] and not self._ticker.hushed:
+            if not self.talking:
+                self._talk_cursor = 0
+                self.onsets.append(index)
+                if self._quiet < MEASURABLE_GAP_PACKETS:
+                    self.unmeasured.add(index)
+                self.unmeasured = {o for o in self.unmeasured if o >= self.onsets[0]}
+            self._quiet = 0
+            position = self._talk_cursor % max(1, self.pattern.talk_packets)
+            self._talk_cursor += 1
+            return position, True
+        if self.talking:
+            self._pause_cursor = 0
+        position = self.pattern.talk_packets + self._pause_cursor % max(1, self.pattern.pause_packets)
+        self._pause_cursor += 1
+        self._quiet += 1
+        return position, False
 
 
 @dataclass(eq=False)
@@ -199,14 +275,16 @@ class Subscription:
 class PublisherSpec:
     pattern: Pattern
     offset: int
+    schedule: bytes | None = None
 
 
 class DirectBridge:
     """``MediaBridge`` for the emulator: every subscription is a direct,
     send-only aiortc peer connection. One owner (the loadgen's loop)."""
 
-    def __init__(self, ticker: Ticker) -> None:
+    def __init__(self, ticker: Ticker, *, levels: bool = True) -> None:
         self._ticker = ticker
+        self._levels = levels
         self._publishers: dict[str, PublisherSpec] = {}
         self._subscriptions: dict[str, Subscription] = {}
         self._by_publisher: dict[str, Subscription] = {}
@@ -222,8 +300,10 @@ class DirectBridge:
     def subscriptions(self) -> dict[str, Subscription]:
         return self._subscriptions
 
-    def add_publisher(self, session_id: str, pattern: Pattern, offset: int) -> None:
-        self._publishers[session_id] = PublisherSpec(pattern, offset)
+    def add_publisher(
+        self, session_id: str, pattern: Pattern, offset: int, schedule: bytes | None = None
+    ) -> None:
+        self._publishers[session_id] = PublisherSpec(pattern, offset, schedule)
 
     async def remove_publisher(self, session_id: str) -> None:
         self._publishers.pop(session_id, None)
@@ -245,7 +325,12 @@ class DirectBridge:
         ]:
             await self._close(old)
         pc = RTCPeerConnection()
-        track = PatternTrack(spec.pattern, spec.offset, self._ticker, next(self._phases))
+        phase = next(self._phases)
+        track = (
+            PatternTrack(spec.pattern, spec.offset, self._ticker, phase, levels=self._levels)
+            if spec.schedule is None
+            else ScheduledTrack(spec.pattern, spec.schedule, self._ticker, phase, levels=self._levels)
+        )
         sender = pc.addTrack(track)
         # instance attribute shadows the method for aiortc's own send loop
         sender._next_encoded_frame = track.next_frame  # type: ignore[method-assign]
@@ -332,14 +417,29 @@ class Counters:
     transcripts: int = 0
     transcripts_unknown_speaker: int = 0
     words_seen: int = 0
+    words_delivered: int = 0
+    """New words in transcripts (each word once, partial or final)."""
+    words_while_silent: int = 0
+    """New words for a speaker who had not talked for ``SILENT_AFTER_S``: misattributed."""
 
 
 class LoadGenerator:
-    def __init__(self, internal_secret: str, word_map: WordMap | None, patterns: dict[str, Pattern]) -> None:
+    def __init__(
+        self,
+        internal_secret: str,
+        word_map: WordMap | None,
+        patterns: dict[str, Pattern],
+        *,
+        levels: bool = True,
+    ) -> None:
+        self.levels = levels
+        self._shown: dict[str, int] = {}
         self.internal_secret = internal_secret
         self.patterns = patterns
         self.word_latency = WordLatency(word_map) if word_map is not None else None
         self.counters = Counters()
+        self.totals = Counters()
+        """The same counts, never reset (a scenario's lost-word check)."""
         self._speaker_kind: dict[str, str] = {}
         self._rooms: dict[str, list[str]] = {}
         self._names = itertools.count(1)
@@ -366,8 +466,30 @@ class LoadGenerator:
         if not isinstance(speaker, str) or not isinstance(text, str):
             return
         sub = self.bridge.subscription_of(speaker)
+        count = len(text.split())
+        final = data.get("final") is not False
+        new = max(0, count - self._shown.get(speaker, 0))
+        self._shown[speaker] = 0 if final else max(count, self._shown.get(speaker, 0))
+        self.counters.words_delivered += new
+        self.totals.words_delivered += new
+        if sub is not None and new and arrived - sub.track.last_talk > SILENT_AFTER_S:
+            self.counters.words_while_silent += new
+            self.totals.words_while_silent += new
+        if sub is None:
+            self.totals.transcripts_unknown_speaker += 1
         if sub is None or self.word_latency is None:
             self.counters.transcripts_unknown_speaker += sub is None
+            return
+        if isinstance(sub.track, ScheduledTrack):
+            self.counters.words_seen += self.word_latency.on_turn_transcript(
+                speaker,
+                text,
+                final=final,
+                arrived=arrived,
+                log=sub.track.log,
+                onsets=sub.track.onsets,
+                unmeasured=sub.track.unmeasured,
+            )
             return
         self.counters.words_seen += self.word_latency.on_transcript(
             speaker,
@@ -382,7 +504,7 @@ class LoadGenerator:
         self._ticker = Ticker()
         self._ticker.start()
         self.gc_pauses.install()
-        self._bridge = DirectBridge(self._ticker)
+        self._bridge = DirectBridge(self._ticker, levels=self.levels)
         runner = web.AppRunner(_nextcloud_stub())
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -486,6 +608,14 @@ class LoadGenerator:
             return {"count": len(self.emulator.sessions_in_room(token, internal=True))}
         if cmd == "stats":
             return self._stats(bool(command.get("reset", False)))
+        if cmd == "meeting":
+            return {"sessions": await self._add_meeting(command)}
+        if cmd == "hush":
+            assert self._ticker is not None
+            self._ticker.hushed = bool(command.get("on", True))
+            return {}
+        if cmd == "talking":
+            return self._talking()
         raise ValueError(f"unknown command {cmd!r}")
 
     async def _add_speakers(self, command: Json) -> list[str]:
@@ -509,10 +639,40 @@ class LoadGenerator:
             sessions.append(sid)
         return sessions
 
+    async def _add_meeting(self, command: Json) -> list[str]:
+        """``count`` participants with meeting-mix schedules (``bench.meeting``)
+        seeded by ``seed`` and their number."""
+        token = str(command["token"])
+        shape = MixShape(
+            talk_share=float(command.get("talk_share", 0.15)),
+            turn_median_s=float(command.get("turn_median_s", 2.5)),
+        )
+        period = float(command.get("period_s", 120.0))
+        seed = int(command.get("seed", 1))
+        pattern = self.patterns["active"]
+        sessions = []
+        for _ in range(int(command["count"])):
+            n = next(self._names)
+            sid = f"speaker-{n}"
+            self.bridge.add_publisher(sid, pattern, 0, talk_schedule(shape, seed * 1_000_003 + n, period))
+            await self.emulator.add_participant(
+                token, session_id=sid, in_call=SPEAKER_FLAGS, user_id=f"user-{n}"
+            )
+            self._rooms.setdefault(token, []).append(sid)
+            self._speaker_kind[sid] = "meeting"
+            sessions.append(sid)
+        return sessions
+
+    def _talking(self) -> Json:
+        """Streams talking now (their last packet was talk)."""
+        subs = self.bridge.subscriptions.values()
+        return {"talking": sum(1 for s in subs if s.track.talking), "streams": len(self.bridge.subscriptions)}
+
     async def _remove(self, sid: str) -> None:
         await self.emulator.remove_participant(sid)
         await self.bridge.remove_publisher(sid)
         self._speaker_kind.pop(sid, None)
+        self._shown.pop(sid, None)
         if self.word_latency is not None:
             self.word_latency.forget(sid)
         for members in self._rooms.values():
@@ -587,12 +747,21 @@ class LoadGenerator:
             "ticker_lag_max_ms": round(ticker.lag_max * 1000, 2),
             "ticker_lag_over_5ms": ticker.lag_over_5ms,
             "packets_sent": sum(s.track.log.sent for s in self.bridge.subscriptions.values()),
+            "talk_packets": sum(s.track.talk_packets for s in self.bridge.subscriptions.values()),
+            "utterances": sum(s.track.utterances for s in self.bridge.subscriptions.values()),
+            "words_delivered": self.counters.words_delivered,
+            "words_while_silent": self.counters.words_while_silent,
+            "words_delivered_total": self.totals.words_delivered,
+            "words_while_silent_total": self.totals.words_while_silent,
+            "transcripts_unknown_speaker_total": self.totals.transcripts_unknown_speaker,
             "gc_collections": self.gc_pauses.count,
             "gc_full_collections": self.gc_pauses.full,
             "gc_pause_total_ms": round(self.gc_pauses.total * 1000, 1),
             "gc_pause_max_ms": round(self.gc_pauses.longest * 1000, 1),
         }
         if reset:
+            for sub in self.bridge.subscriptions.values():
+                sub.track.talk_packets = sub.track.utterances = 0
             ticker.reset_stats()
             self.gc_pauses.reset()
             self.counters = Counters()
@@ -631,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause-ms", type=int, default=1500)
     parser.add_argument("--word-map", default="", help="JSON {period, word_packets}")
     parser.add_argument("--max-seconds", type=float, default=3600.0)
+    parser.add_argument("--no-levels", action="store_true", help="send no RFC 6464 audio level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     patterns = {
@@ -643,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         word_map = WordMap(
             int(raw["period"]), tuple(tuple(int(p) for p in words) for words in raw["utterances"])
         )
-    generator = LoadGenerator(args.internal_secret, word_map, patterns)
+    generator = LoadGenerator(args.internal_secret, word_map, patterns, levels=not args.no_levels)
     asyncio.run(generator.run(args.max_seconds))
     return 0
 

@@ -378,14 +378,21 @@ def markdown(results: Json, images: dict[str, str]) -> str:
         "- durations (s): " + ", ".join(f"{k} {v}" for k, v in results.get("durations_s", {}).items()),
         *_reference_lines(results),
         "",
-        "## Against the targets",
+    ]
+    from bench import production  # here: production imports this module
+
+    parts += [production.section(results), ""]
+    parts += [
+        "## Against the targets: the in-process lower bound (instant engine, no STT transport)"
+        if results.get("runs")
+        else "## Against the targets",
         "",
         summary(results),
         "",
     ]
     for kind, title in (
-        ("active", "Active speakers"),
-        ("silent", "Silent participants (in call with audio, not speaking)"),
+        ("active", "Active speakers (instant engine: lower bound, no STT transport)"),
+        ("silent", "Silent participants, in call with audio, not speaking (instant engine: lower bound)"),
     ):
         rows = windows(results, kind)
         section = results.get(kind)

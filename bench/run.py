@@ -1,14 +1,19 @@
 """Load and soak harness: the service in its own process, loaded through the
 HPB emulator and real WebRTC by a cheaper generator process.
 
-    python -m bench.run --scenario active|silent|churn|soak|all \\
-        --speakers 1,10,50,100,200 --out docs/benchmarks.md
+    python -m bench.run --scenario active,silent,meeting,churn,soak \\
+        --engine modal,moshi,instant --levels present,absent \\
+        --speakers 1,10,50,100,200 --participants 100,300 --out docs/benchmarks.md
 
 Processes: this harness (orchestration, /proc sampling, HTTP to the
 service), the load generator (``bench.loadgen``: HPB emulator + direct
-aiortc publishers) and the service (``live-transcription serve`` with the
-zero-delay ``instant`` STT engine). Every wait is bounded; the child
-processes are stopped in ``finally`` and stop by themselves if this one dies.
+aiortc publishers), the fake STT server (``bench.stt_server``: the tests'
+Kyutai fakes over TLS, for the ``modal`` and ``moshi`` engines) and the
+service (``live-transcription serve``, reaching the fake through its
+production engine client over ``wss://``, trusting a CA made at run time
+through ``SSL_CERT_FILE``; the ``instant`` engine runs in-process and is a
+lower bound only). Every wait is bounded; the child processes are stopped
+in ``finally`` and stop by themselves if this one dies.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from typing import Any
 
 import httpx
 
-from bench import analysis, report
+from bench import analysis, meeting, report, stages
 from bench.latency import WordMap, word_map_from_events
 from bench.patterns import Pattern, build_pattern
 from bench.procstat import ProcessSampler, Sample, cpu_percent, percentile, slope
+from bench.profile import PY_SPY, record_command
+from bench.stt_server import EnergyWords
+from bench.tls import LocalTls, make_local_tls
 
 log = logging.getLogger("bench")
 
@@ -49,6 +57,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 Json = dict[str, Any]
 
+LOAD_SCENARIOS = ("active", "silent", "meeting")
+ALL_SCENARIOS = (*LOAD_SCENARIOS, "churn", "soak")
+ENGINES = ("modal", "moshi", "instant")
 TALK_MS = 3000
 PAUSE_MS = 1500
 WORD_MAP_LOOPS = 13
@@ -79,6 +90,18 @@ class Options:
     max_seconds: float = 3 * 3600
     service_cmd: str = ""
     service_log_level: str = "WARNING"
+    engines: list[str] = field(default_factory=lambda: ["modal"])
+    also_engines: list[str] = field(default_factory=lambda: ["moshi", "instant"])
+    """Run only ``active`` with levels present (moshi once; instant, the lower bound)."""
+    levels: list[str] = field(default_factory=lambda: ["present", "absent"])
+    stt_delay_frames: int = 0
+    participants: list[int] = field(default_factory=lambda: [100, 300])
+    room_min: int = 5
+    room_max: int = 20
+    talk_share: float = 0.15
+    seed: int = 1
+    settle: float = 4.0
+    profile_native: bool = False
 
 
 def _free_port() -> int:
@@ -91,37 +114,21 @@ def _free_port() -> int:
 # --- the load generator process ------------------------------------------------------------------
 
 
-class LoadGen:
-    """``python -m bench.loadgen`` as a child; JSON-lines commands."""
+class JsonLinesChild:
+    """A child process driven with one JSON object per line on stdin/stdout:
+    it prints ``{"ready": true, ...}`` first, answers ``{"id": n, "cmd": ...}``
+    with ``{"id": n, ...}`` and stops on ``quit`` or end of input."""
 
-    def __init__(self, secret: str, word_map: WordMap | None, work: Path, max_seconds: float) -> None:
-        self._secret = secret
-        self._word_map = word_map
+    log_name = "child.log"
+
+    def __init__(self, work: Path) -> None:
         self._work = work
-        self._max_seconds = max_seconds
         self._proc: asyncio.subprocess.Process | None = None
         self._ids = 0
-        self.hpb_port = 0
-        self.nextcloud_url = ""
         self.pid = 0
 
-    async def __aenter__(self) -> LoadGen:
-        args = [
-            sys.executable,
-            "-m",
-            "bench.loadgen",
-            "--internal-secret",
-            self._secret,
-            "--talk-ms",
-            str(TALK_MS),
-            "--pause-ms",
-            str(PAUSE_MS),
-            "--max-seconds",
-            str(self._max_seconds),
-        ]
-        if self._word_map is not None:
-            args += ["--word-map", json.dumps(asdict(self._word_map))]
-        stderr = (self._work / "loadgen.log").open("ab")
+    async def _start(self, args: list[str]) -> Json:
+        stderr = (self._work / self.log_name).open("ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *args,
@@ -135,11 +142,9 @@ class LoadGen:
             stderr.close()
         ready = await self._read(60)
         if not ready.get("ready"):
-            raise RuntimeError(f"load generator did not start: {ready}")
-        self.hpb_port = int(ready["hpb_port"])
-        self.nextcloud_url = str(ready["nextcloud_url"])
+            raise RuntimeError(f"{args[2]} did not start: {ready}")
         self.pid = int(ready["pid"])
-        return self
+        return ready
 
     async def __aexit__(self, *exc: object) -> None:
         proc = self._proc
@@ -162,7 +167,7 @@ class LoadGen:
         async with asyncio.timeout(deadline):
             line = await self._proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"load generator exited (see {self._work / 'loadgen.log'})")
+            raise RuntimeError(f"child exited (see {self._work / self.log_name})")
         reply: Json = json.loads(line)
         return reply
 
@@ -175,8 +180,99 @@ class LoadGen:
             reply = await self._read(deadline)
             if reply.get("id") == self._ids:
                 if "error" in reply:
-                    raise RuntimeError(f"load generator: {cmd}: {reply['error']}")
+                    raise RuntimeError(f"{self.log_name}: {cmd}: {reply['error']}")
                 return reply
+
+
+class LoadGen(JsonLinesChild):
+    """``python -m bench.loadgen`` as a child."""
+
+    log_name = "loadgen.log"
+
+    def __init__(
+        self, secret: str, word_map: WordMap | None, work: Path, max_seconds: float, *, levels: bool = True
+    ) -> None:
+        super().__init__(work)
+        self._secret = secret
+        self._word_map = word_map
+        self._max_seconds = max_seconds
+        self._levels = levels
+        self.hpb_port = 0
+        self.nextcloud_url = ""
+
+    async def __aenter__(self) -> LoadGen:
+        args = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--internal-secret",
+            self._secret,
+            "--talk-ms",
+            str(TALK_MS),
+            "--pause-ms",
+            str(PAUSE_MS),
+            "--max-seconds",
+            str(self._max_seconds),
+        ]
+        if self._word_map is not None:
+            args += ["--word-map", json.dumps(asdict(self._word_map))]
+        if not self._levels:
+            args.append("--no-levels")
+        ready = await self._start(args)
+        self.hpb_port = int(ready["hpb_port"])
+        self.nextcloud_url = str(ready["nextcloud_url"])
+        return self
+
+
+STT_KEY = "bench-key"
+STT_SECRET = "bench-secret"
+
+
+class FakeStt(JsonLinesChild):
+    """``python -m bench.stt_server`` as a child: the fake Kyutai server over
+    TLS, in its own process (its CPU is not the service's)."""
+
+    log_name = "stt_server.log"
+
+    def __init__(self, engine: str, tls: LocalTls, opts: Options) -> None:
+        super().__init__(opts.work)
+        self.engine = engine
+        self._tls = tls
+        self._opts = opts
+        self.url = ""
+
+    async def __aenter__(self) -> FakeStt:
+        ready = await self._start(
+            [
+                sys.executable,
+                "-m",
+                "bench.stt_server",
+                "--engine",
+                self.engine,
+                "--cert",
+                str(self._tls.cert_file),
+                "--cert-key",
+                str(self._tls.key_file),
+                "--key",
+                STT_KEY,
+                "--secret",
+                STT_SECRET,
+                "--delay-frames",
+                str(self._opts.stt_delay_frames),
+                "--max-seconds",
+                str(self._opts.max_seconds),
+            ]
+        )
+        self.url = str(ready["url"])
+        return self
+
+    def service_env(self) -> dict[str, str]:
+        """What points the service's production client at this server, with
+        TLS verified against the run's CA (standard configuration only)."""
+        env = {"LT_STT_ENGINE": self.engine, "SSL_CERT_FILE": str(self._tls.ca_file)}
+        if self.engine == "modal":
+            return env | {"LT_MODAL_URL": self.url, "MODAL_KEY": STT_KEY, "MODAL_SECRET": STT_SECRET}
+        return env | {"LT_MOSHI_URL": self.url, "LT_MOSHI_API_KEY": STT_KEY}
 
 
 # --- the service process ----------------------------------------------------------------------
@@ -185,8 +281,18 @@ class LoadGen:
 class Service:
     """``live-transcription serve`` as a child process, black box."""
 
-    def __init__(self, loadgen: LoadGen, secret: str, work: Path, opts: Options, label: str) -> None:
+    def __init__(
+        self,
+        loadgen: LoadGen,
+        secret: str,
+        work: Path,
+        opts: Options,
+        label: str,
+        *,
+        stt_env: dict[str, str] | None = None,
+    ) -> None:
         self._loadgen = loadgen
+        self._stt_env = stt_env or {"LT_STT_ENGINE": "instant"}
         self._internal_secret = secret
         self._app_secret = secrets.token_hex(16)
         self._work = work
@@ -219,7 +325,7 @@ class Service:
             "NEXTCLOUD_URL": self._loadgen.nextcloud_url,
             "LT_HPB_URL": f"ws://127.0.0.1:{self._loadgen.hpb_port}",
             "LT_INTERNAL_SECRET": self._internal_secret,
-            "LT_STT_ENGINE": "instant",
+            **self._stt_env,
             "LT_MAX_SPEAKERS": "5000",
             "LT_MAX_SPEAKERS_PER_ROOM": "1000",
             "LT_MAX_ROOMS": "1000",
@@ -302,10 +408,15 @@ class Service:
 # --- the word map ------------------------------------------------------------------------------
 
 
-async def compute_word_map(pattern: Pattern) -> WordMap | None:
-    """Run the service's own audio gate and its zero-delay engine over several
-    periods of the pattern, offline, and note after which packet each word
-    came out. None when the instant engine cannot be loaded."""
+async def compute_word_map(
+    pattern: Pattern, *, engine: str = "instant", levels: bool = True
+) -> WordMap | None:
+    """Run the service's own audio gate and the engine's word rule (the
+    zero-delay instant engine, or the fake STT server's ``EnergyWords``)
+    over several periods of the pattern, offline, and note after which
+    packet each word came out. None when the parts cannot be loaded."""
+    if engine != "instant":
+        return energy_word_map(pattern, levels=levels)
     try:
         from live_transcription.audio.pipeline import SpeakerAudio
         from live_transcription.config import load_settings
@@ -313,14 +424,14 @@ async def compute_word_map(pattern: Pattern) -> WordMap | None:
         from live_transcription.stt.base import Pause, Word
         from live_transcription.stt.factory import create_engine  # type: ignore[import-not-found,unused-ignore]
 
-        engine = create_engine(load_settings(LT_STT_ENGINE="instant"))
+        instant = create_engine(load_settings(LT_STT_ENGINE="instant"))
     except Exception as exc:
         log.warning("no word map (latency from the service's histogram only): %r", exc)
         return None
     events: list[tuple[str, int]] = []
     current = 0
     try:
-        async with asyncio.TaskGroup() as tasks, engine.open_stream("en") as stream:
+        async with asyncio.TaskGroup() as tasks, instant.open_stream("en") as stream:
 
             async def read() -> None:
                 async for event in stream.events():
@@ -341,7 +452,7 @@ async def compute_word_map(pattern: Pattern) -> WordMap | None:
                         pattern.payloads[position],
                         index % 65536,
                         index * 960,
-                        audio_level=pattern.levels[position],
+                        audio_level=pattern.levels[position] if levels else None,
                         arrival_time=index * 0.02,
                         ssrc=1,
                     )
@@ -351,9 +462,46 @@ async def compute_word_map(pattern: Pattern) -> WordMap | None:
             audio.close()
             reader.cancel()
     finally:
-        await engine.aclose()
+        await instant.aclose()
     word_map = word_map_from_events(pattern.period, pattern.pause_packets, events)
     log.info("word map: %s", word_map.utterances)
+    return word_map
+
+
+def energy_word_map(pattern: Pattern, *, levels: bool) -> WordMap | None:
+    """The word map of the fake STT server's model at zero delay: the
+    service's audio gate over the pattern, its frames into ``EnergyWords``."""
+    try:
+        from live_transcription.audio.pipeline import SpeakerAudio
+        from live_transcription.media.packet import OpusRtp
+    except Exception as exc:
+        log.warning("no word map (latency from the service's histogram only): %r", exc)
+        return None
+    events: list[tuple[str, int]] = []
+    model = EnergyWords()
+    current = 0
+
+    def on_frame(frame: Any) -> None:
+        events.extend(("word", current) for _ in model.feed(frame))
+
+    audio = SpeakerAudio(on_frame=on_frame, on_speech_end=lambda: None)
+    start = pattern.talk_packets
+    for index in range(WORD_MAP_LOOPS * pattern.period):
+        current = index
+        position = (start + index) % pattern.period
+        audio.feed(
+            OpusRtp(
+                pattern.payloads[position],
+                index % 65536,
+                index * 960,
+                audio_level=pattern.levels[position] if levels else None,
+                arrival_time=index * 0.02,
+                ssrc=1,
+            )
+        )
+    audio.close()
+    word_map = word_map_from_events(pattern.period, pattern.pause_packets, events)
+    log.info("word map (fake STT, levels %s): %s", "present" if levels else "absent", word_map.utterances)
     return word_map
 
 
@@ -385,24 +533,61 @@ class Window:
     speakers_reported: int = 0
     ticker_lag_max_ms: float = 0.0
     ticker_skipped: int = 0
+    engine: str = "instant"
+    levels: str = "present"
+    talk_seconds: float = 0.0
+    """Talk the generator sent in the window (participant speech)."""
+    utterances: int = 0
+    talking_mean: float = 0.0
+    talking_max: int = 0
+    words_delivered: int = 0
+    words_while_silent: int = 0
+    stt: Json = field(default_factory=dict)
+    """The fake STT server's own counts over the window (audio, streams, words)."""
+    stt_open_mean: float = math.nan
+    stt_busy_mean: float = math.nan
+    stt_cpu_percent: float = math.nan
+    service_stt: Json = field(default_factory=dict)
+    """The service's STT metrics over the window, where it has them."""
 
 
 async def measure(
-    service: Service, loadgen: LoadGen, generator: ProcessSampler, *, n: int, kind: str, seconds: float
+    service: Service,
+    loadgen: LoadGen,
+    generator: ProcessSampler,
+    *,
+    n: int,
+    kind: str,
+    seconds: float,
+    fake: FakeStt | None = None,
 ) -> Window:
     await loadgen.call("stats", reset=True)
+    if fake is not None:
+        await fake.call("stats", reset=True)
+    fake_sampler = ProcessSampler(fake.pid) if fake is not None else None
+    fake_before = fake_sampler.sample() if fake_sampler is not None else None
     before_metrics = await service.metrics()
     before = service.sample()
     gen_before = generator.sample()
     rss: list[int] = []
+    talking: list[int] = []
+    stt_open: list[int] = []
+    stt_busy: list[int] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
         rss.append(service.sample().rss_bytes)
+        talking.append(int((await loadgen.call("talking"))["talking"]))
+        if fake is not None:
+            now = await fake.call("stats", reset=False)
+            stt_open.append(int(now["open_now"]))
+            stt_busy.append(int(now["busy_now"]))
     after = service.sample()
     gen_after = generator.sample()
+    fake_after = fake_sampler.sample() if fake_sampler is not None else None
     after_metrics = await service.metrics()
     stats = await loadgen.call("stats", reset=True)
+    stt = await fake.call("stats", reset=True) if fake is not None else {}
     health = await service.health()
     changed = analysis.diff(after_metrics, before_metrics)
     latencies = [1000 * v for v in stats["latencies"]]
@@ -430,7 +615,69 @@ async def measure(
     window.speakers_reported = int(health.get("speakers", -1))
     window.ticker_lag_max_ms = float(stats["ticker_lag_max_ms"])
     window.ticker_skipped = int(stats["ticker_skipped"])
+    window.talk_seconds = int(stats.get("talk_packets", 0)) * 0.02
+    window.utterances = int(stats.get("utterances", 0))
+    window.talking_mean = sum(talking) / len(talking) if talking else math.nan
+    window.talking_max = max(talking, default=0)
+    window.words_delivered = int(stats.get("words_delivered", 0))
+    window.words_while_silent = int(stats.get("words_while_silent", 0))
+    window.stt = {k: v for k, v in stt.items() if k != "id"}
+    if stt_open:
+        window.stt_open_mean = sum(stt_open) / len(stt_open)
+        window.stt_busy_mean = sum(stt_busy) / len(stt_busy)
+    if fake_before is not None and fake_after is not None:
+        window.stt_cpu_percent = cpu_percent(fake_before, fake_after)
+    window.service_stt = service_stt_metrics(changed, after_metrics)
     return window
+
+
+async def account_words(loadgen: LoadGen, fake: FakeStt | None, settle: float) -> Json:
+    """Lost and misattributed words over the whole scenario: the generator
+    falls silent for ``settle`` seconds so the last words come back, then
+    the words the STT sent are compared with the words that reached the HPB.
+    The windows themselves are not disturbed (a hush inside a window would
+    cut utterances short and put the word map off)."""
+    if fake is None or settle <= 0:
+        return {}
+    await loadgen.call("hush", on=True)
+    await asyncio.sleep(settle)
+    delivered = await loadgen.call("stats", reset=False)
+    sent = await fake.call("stats", reset=False)
+    await loadgen.call("hush", on=False)
+    words_sent = int(sent["words_total"])
+    words_delivered = int(delivered["words_delivered_total"])
+    return {
+        "stt_words": words_sent,
+        "delivered": words_delivered,
+        "lost": words_sent - words_delivered,
+        "while_silent": int(delivered["words_while_silent_total"]),
+        "unknown_speaker_transcripts": int(delivered["transcripts_unknown_speaker_total"]),
+    }
+
+
+def service_stt_metrics(changed: analysis.Scrape, after: analysis.Scrape) -> Json:
+    """The service's own STT pool and load metrics over a window; only the
+    ones the running version exports (older versions have none)."""
+    names = {name for name, _ in after}
+    out: Json = {}
+    if "live_transcription_stt_streams" in names:
+        out["streams_at_end"] = analysis.by_label(after, "live_transcription_stt_streams", "state")
+    if "live_transcription_stt_audio_seconds_total" in names:
+        out["audio_seconds"] = analysis.by_label(
+            changed, "live_transcription_stt_audio_seconds_total", "kind"
+        )
+    if "live_transcription_participant_audio_seconds_total" in names:
+        out["participant_audio_seconds"] = analysis.total(
+            changed, "live_transcription_participant_audio_seconds_total"
+        )
+    if "live_transcription_stt_lease_wait_seconds_count" in names:
+        buckets = analysis.histogram_buckets(changed, "live_transcription_stt_lease_wait_seconds")
+        out["lease_wait_ms"] = {
+            f"p{q}": round(1000 * analysis.histogram_quantile(buckets, q / 100), 2) for q in (50, 99)
+        }
+    if "live_transcription_stt_lease_waits_total" in names:
+        out["lease_waits"] = analysis.by_label(changed, "live_transcription_stt_lease_waits_total", "reason")
+    return out
 
 
 class Rooms:
@@ -476,63 +723,161 @@ class Rooms:
 async def stack(
     opts: Options, word_map: WordMap | None, label: str
 ) -> AsyncIterator[tuple[LoadGen, Service]]:
+    """Generator and service with the in-process ``instant`` engine."""
+    async with production_stack(opts, word_map, label, "instant", levels=True) as (loadgen, service, _):
+        yield loadgen, service
+
+
+@contextlib.asynccontextmanager
+async def production_stack(
+    opts: Options, word_map: WordMap | None, label: str, engine: str, *, levels: bool
+) -> AsyncIterator[tuple[LoadGen, Service, FakeStt | None]]:
+    """Generator, fake STT server (``modal``/``moshi``) and service."""
     secret = secrets.token_hex(24)
-    async with LoadGen(secret, word_map, opts.work, opts.max_seconds) as loadgen:
-        service = Service(loadgen, secret, opts.work, opts, label)
-        async with service:
-            yield loadgen, service
+    async with contextlib.AsyncExitStack() as exits:
+        fake: FakeStt | None = None
+        if engine != "instant":
+            tls = make_local_tls(opts.work / "tls")
+            fake = await exits.enter_async_context(FakeStt(engine, tls, opts))
+        loadgen = await exits.enter_async_context(
+            LoadGen(secret, word_map, opts.work, opts.max_seconds, levels=levels)
+        )
+        env = fake.service_env() if fake is not None else None
+        service = await exits.enter_async_context(
+            Service(loadgen, secret, opts.work, opts, label, stt_env=env)
+        )
+        yield loadgen, service, fake
 
 
-async def scenario_load(opts: Options, word_map: WordMap | None, kind: str, steps: list[int]) -> Json:
-    """N speakers (active or silent) step by step in one service process."""
+async def scenario_production(
+    opts: Options, word_map: WordMap | None, kind: str, steps: list[int], *, engine: str, levels: bool
+) -> Json:
+    """N speakers (active or silent) step by step, through the ``engine``'s
+    production client to the fake STT over TLS."""
     windows: list[Window] = []
     profile: Json = {}
-    async with stack(opts, word_map, kind) as (loadgen, service):
+    shape = "present" if levels else "absent"
+    label = f"{kind}-{engine}-{shape}"
+    words: Json = {}
+    async with production_stack(opts, word_map, label, engine, levels=levels) as (loadgen, service, fake):
         generator = ProcessSampler(loadgen.pid)
-        rooms = Rooms(service, loadgen, opts.per_room, f"{kind}")
-        # idle baseline: the process up, no room
+        rooms = Rooms(service, loadgen, opts.per_room, kind)
         await asyncio.sleep(min(5.0, opts.warmup))
-        windows.append(
-            await measure(service, loadgen, generator, n=0, kind=kind, seconds=min(opts.measure, 15.0))
+        window = await measure(
+            service, loadgen, generator, n=0, kind=kind, seconds=min(opts.measure, 15.0), fake=fake
         )
-        log.info("%s N=0: %s", kind, _brief(windows[-1]))
+        windows.append(_label(window, engine, shape))
         for n in sorted(s for s in steps if s > 0):
             started = time.monotonic()
             await rooms.grow_to(n, kind)
             await asyncio.sleep(opts.warmup)
-            window = await measure(service, loadgen, generator, n=n, kind=kind, seconds=opts.measure)
-            windows.append(window)
-            log.info("%s N=%d (%.0f s): %s", kind, n, time.monotonic() - started, _brief(window))
+            window = await measure(
+                service, loadgen, generator, n=n, kind=kind, seconds=opts.measure, fake=fake
+            )
+            windows.append(_label(window, engine, shape))
+            log.info("%s N=%d (%.0f s): %s", label, n, time.monotonic() - started, _brief(window))
             if n == opts.profile_at and opts.profile_seconds > 0:
-                profile = await profile_service(service.pid, opts, f"{kind}-{n}") | {"n": n}
+                profile = await profile_service(service.pid, opts, f"{label}-{n}") | {"n": n}
             if not service.alive():
                 log.error("the service died at N=%d", n)
                 break
+        words = await account_words(loadgen, fake, opts.settle)
         await rooms.close_all()
-    return {"windows": [asdict(w) for w in windows], "profile": profile}
+    return {
+        "kind": kind,
+        "engine": engine,
+        "levels": shape,
+        "windows": [asdict(w) for w in windows],
+        "profile": profile,
+        "words": words,
+    }
+
+
+def _label(window: Window, engine: str, levels: str) -> Window:
+    window.engine = engine
+    window.levels = levels
+    return window
+
+
+async def scenario_meeting(opts: Options, word_map: WordMap | None, *, engine: str, levels: bool) -> Json:
+    """The meeting mix: rooms of ``room_min``-``room_max`` participants, each
+    talking about ``talk_share`` of the time (``bench.meeting``), grown
+    room by room to each N of ``participants``."""
+    windows: list[Window] = []
+    profile: Json = {}
+    shape = "present" if levels else "absent"
+    label = f"meeting-{engine}-{shape}"
+    words: Json = {}
+    mix = meeting.MixShape(room_min=opts.room_min, room_max=opts.room_max, talk_share=opts.talk_share)
+    sizes = meeting.room_sizes(max(opts.participants, default=0), mix, opts.seed)
+    async with production_stack(opts, word_map, label, engine, levels=levels) as (loadgen, service, fake):
+        generator = ProcessSampler(loadgen.pid)
+        opened: list[str] = []
+        total = 0
+        for target in sorted(p for p in opts.participants if p > 0):
+            started = time.monotonic()
+            while total < target and len(opened) < len(sizes):
+                token = f"meeting{len(opened) + 1:04d}"
+                reply = await loadgen.call("room", token=token)
+                await service.transcribe(token, reply["target"])
+                size = sizes[len(opened)]
+                await loadgen.call(
+                    "meeting",
+                    token=token,
+                    count=size,
+                    seed=opts.seed,
+                    talk_share=opts.talk_share,
+                    period_s=120.0,
+                )
+                opened.append(token)
+                total += size
+            got = await loadgen.call(
+                "wait_connected", count=total, timeout=max(60, total * 0.5), deadline=600
+            )
+            if got["connected"] < total:
+                log.warning("only %d of %d streams connected", got["connected"], total)
+            await asyncio.sleep(opts.warmup)
+            window = await measure(
+                service,
+                loadgen,
+                generator,
+                n=total,
+                kind="meeting",
+                seconds=opts.measure,
+                fake=fake,
+            )
+            windows.append(_label(window, engine, shape))
+            log.info("%s N=%d (%.0f s): %s", label, total, time.monotonic() - started, _brief(window))
+            if target == opts.profile_at and opts.profile_seconds > 0:
+                profile = await profile_service(service.pid, opts, f"{label}-{total}") | {"n": total}
+            if not service.alive():
+                log.error("the service died at N=%d", total)
+                break
+        words = await account_words(loadgen, fake, opts.settle)
+        for token in opened:
+            await service.leave(token)
+            await loadgen.call("end_room", token=token)
+    return {
+        "kind": "meeting",
+        "engine": engine,
+        "levels": shape,
+        "rooms": sizes,
+        "mix": asdict(mix),
+        "windows": [asdict(w) for w in windows],
+        "profile": profile,
+        "words": words,
+    }
 
 
 async def profile_service(pid: int, opts: Options, label: str) -> Json:
-    py_spy = VENV_BIN / "py-spy"
-    if not py_spy.exists():
+    if not PY_SPY.exists():
         return {"error": "py-spy not installed"}
     raw = opts.work / f"profile-{label}.txt"
     svg = opts.work / f"profile-{label}.svg"
     results: Json = {"seconds": opts.profile_seconds, "svg": str(svg), "raw": str(raw)}
     for fmt, path in (("raw", raw), ("flamegraph", svg)):
         proc = await asyncio.create_subprocess_exec(
-            str(py_spy),
-            "record",
-            "--pid",
-            str(pid),
-            "--duration",
-            str(int(opts.profile_seconds / 2)),
-            "--rate",
-            "100",
-            "--format",
-            fmt,
-            "--output",
-            str(path),
+            *record_command(pid, opts.profile_seconds / 2, fmt, path, native=opts.profile_native),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -549,6 +894,7 @@ async def profile_service(pid: int, opts: Options, label: str) -> Json:
     results["samples"] = sum(stacks.values())
     results["self"] = [asdict(e) for e in analysis.top_self(stacks, 20)]
     results["inclusive"] = [asdict(e) for e in analysis.top_inclusive(stacks, 40)]
+    results["stages"] = stages.split(stacks)
     return results
 
 
@@ -799,15 +1145,43 @@ async def run(opts: Options, command: str) -> Json:
     }
     results_path = opts.work / "results.json"
     results["reference_start"] = await asyncio.to_thread(machine_reference)
-    for scenario in opts.scenarios:
+    runs: Json = results.setdefault("runs", {})
+    maps: dict[tuple[str, bool], WordMap | None] = {}
+    for engine, shape, scenario in load_runs(opts):
+        levels = shape == "present"
+        key = f"{scenario}/{engine}/{shape}"
+        started = time.monotonic()
+        log.info("scenario %s", key)
+        try:
+            model = "instant" if engine == "instant" else "energy"
+            if (model, levels) not in maps:
+                maps[model, levels] = (
+                    word_map
+                    if (model, levels) == ("instant", True)
+                    else await compute_word_map(pattern, engine=engine, levels=levels)
+                )
+            if scenario == "meeting":
+                # words per utterance from its onset: the fake's model only
+                # (the instant engine's count runs across utterances)
+                turn_map = maps[model, levels] if model == "energy" else None
+                runs[key] = await scenario_meeting(opts, turn_map, engine=engine, levels=levels)
+            else:
+                steps = opts.speakers if scenario == "active" else opts.silent
+                runs[key] = await scenario_production(
+                    opts, maps[model, levels], scenario, steps, engine=engine, levels=levels
+                )
+                if engine == "instant" and levels:
+                    results[scenario] = runs[key]  # the lower bound's own tables
+        except Exception as exc:
+            log.exception("scenario %s failed", key)
+            runs[key] = {"kind": scenario, "engine": engine, "levels": shape, "error": repr(exc)}
+        results.setdefault("durations_s", {})[key] = round(time.monotonic() - started)
+        results_path.write_text(json.dumps(results, indent=1, default=str))
+    for scenario in (s for s in opts.scenarios if s not in LOAD_SCENARIOS):
         started = time.monotonic()
         log.info("scenario %s", scenario)
         try:
-            if scenario == "active":
-                results["active"] = await scenario_load(opts, word_map, "active", opts.speakers)
-            elif scenario == "silent":
-                results["silent"] = await scenario_load(opts, word_map, "silent", opts.silent)
-            elif scenario == "churn":
+            if scenario == "churn":
                 results["churn"] = await scenario_churn(opts, word_map)
             elif scenario == "soak":
                 results["soak"] = await scenario_soak(opts, word_map)
@@ -821,9 +1195,55 @@ async def run(opts: Options, command: str) -> Json:
     return results
 
 
+def load_runs(opts: Options) -> list[tuple[str, str, str]]:
+    """(engine, levels, scenario) of every load run, in order: each
+    ``--engine`` with each ``--levels`` and load scenario, then each
+    ``--also-engines`` once (active speakers, levels present)."""
+    runs = [
+        (engine, shape, scenario)
+        for engine in opts.engines
+        for shape in opts.levels
+        for scenario in opts.scenarios
+        if scenario in LOAD_SCENARIOS
+    ]
+    if "active" in opts.scenarios:
+        runs += [(engine, "present", "active") for engine in opts.also_engines if engine not in opts.engines]
+    return runs
+
+
 def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="all", help="active, silent, churn, soak or all (comma list)")
+    parser.add_argument(
+        "--scenario", default="all", help="active, silent, meeting, churn, soak or all (comma list)"
+    )
+    parser.add_argument(
+        "--engine",
+        default="modal",
+        help="comma list of modal, moshi (production clients over TLS to the fake STT) and instant"
+        " (in-process, zero cost: a lower bound only); active/silent/meeting run once per engine",
+    )
+    parser.add_argument(
+        "--also-engines",
+        default="moshi,instant",
+        help="engines run once more, active speakers with levels only ('' for none)",
+    )
+    parser.add_argument(
+        "--levels", default="present,absent", help="RFC 6464 levels in the RTP: present, absent or both"
+    )
+    parser.add_argument("--participants", default="100,300", help="meeting mix: participant counts")
+    parser.add_argument("--room-size", default="5-20", help="meeting mix: room sizes, MIN-MAX")
+    parser.add_argument("--talk-share", type=float, default=0.15, help="meeting mix: share of time talking")
+    parser.add_argument("--seed", type=int, default=1, help="meeting mix: seed of rooms and turns")
+    parser.add_argument(
+        "--stt-delay-frames",
+        type=int,
+        default=0,
+        help="fake STT model delay, 80 ms frames (0: added latency only)",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=4.0, help="seconds of hush around each window (lost-word count)"
+    )
+    parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames; slower)")
     parser.add_argument("--speakers", default="1,10,50,100,150,200", help="active speaker counts")
     parser.add_argument("--silent", default="10,50,100,200", help="silent participant counts")
     parser.add_argument("--per-room", type=int, default=10)
@@ -847,10 +1267,21 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     )
     parser.add_argument("--service-log-level", default="WARNING", help="LT_LOG_LEVEL of the service")
     args = parser.parse_args(argv)
-    scenarios = ["active", "silent", "churn", "soak"] if args.scenario == "all" else args.scenario.split(",")
-    unknown = set(scenarios) - {"active", "silent", "churn", "soak"}
+    scenarios = list(ALL_SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+    unknown = set(scenarios) - set(ALL_SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    engines = [e for e in args.engine.split(",") if e]
+    also = [e for e in args.also_engines.split(",") if e]
+    if not engines or set(engines) - set(ENGINES) or set(also) - set(ENGINES):
+        parser.error(f"--engine, --also-engines: comma lists of {', '.join(ENGINES)}")
+    levels = [shape for shape in args.levels.split(",") if shape]
+    if not levels or set(levels) - {"present", "absent"}:
+        parser.error("--levels: present, absent or present,absent")
+    try:
+        room_min, room_max = (int(part) for part in args.room_size.split("-"))
+    except ValueError:
+        parser.error("--room-size: MIN-MAX")
     opts = Options(
         scenarios=scenarios,
         speakers=[int(s) for s in args.speakers.split(",") if s.strip()],
@@ -872,17 +1303,67 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         max_seconds=args.max_hours * 3600,
         service_cmd=args.service_cmd,
         service_log_level=args.service_log_level,
+        engines=engines,
+        also_engines=also,
+        levels=levels,
+        stt_delay_frames=args.stt_delay_frames,
+        participants=[int(p) for p in args.participants.split(",") if p.strip()],
+        room_min=room_min,
+        room_max=room_max,
+        talk_share=args.talk_share,
+        seed=args.seed,
+        settle=args.settle,
+        profile_native=args.profile_native,
     )
-    shown = ["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
     if args.from_results:
         opts.work = args.from_results.parent
-    return opts, " ".join(shown)
+    return opts, reproduce_command(opts)
+
+
+def reproduce_command(opts: Options) -> str:
+    """Every option spelled out, so the run can be repeated when defaults change."""
+    ints = ",".join
+    parts = [
+        "python -m bench.run",
+        f"--scenario {','.join(opts.scenarios)}",
+        f"--engine {','.join(opts.engines)}",
+        f"--also-engines '{','.join(opts.also_engines)}'",
+        f"--levels {','.join(opts.levels)}",
+        f"--speakers {ints(map(str, opts.speakers))}",
+        f"--silent {ints(map(str, opts.silent))}",
+        f"--participants {ints(map(str, opts.participants))}",
+        f"--room-size {opts.room_min}-{opts.room_max}",
+        f"--talk-share {opts.talk_share:g}",
+        f"--seed {opts.seed}",
+        f"--per-room {opts.per_room}",
+        f"--warmup {opts.warmup:g}",
+        f"--measure {opts.measure:g}",
+        f"--settle {opts.settle:g}",
+        f"--stt-delay-frames {opts.stt_delay_frames}",
+        f"--partial-interval-ms {opts.partial_interval_ms}",
+        f"--profile-at {opts.profile_at}",
+        f"--profile-seconds {opts.profile_seconds:g}",
+    ]
+    if opts.profile_native:
+        parts.append("--profile-native")
+    if "churn" in opts.scenarios:
+        parts.append(
+            f"--speaker-cycles {opts.speaker_cycles} --room-cycles {opts.room_cycles}"
+            f" --churn-concurrency {opts.churn_concurrency}"
+        )
+    if "soak" in opts.scenarios:
+        parts.append(f"--soak-minutes {opts.soak_minutes:g} --soak-speakers {opts.soak_speakers}")
+    parts += [f"--out {opts.out}", f"--img {opts.img}", f"--work {opts.work}"]
+    if opts.service_cmd:
+        parts.append(f"--service-cmd {shlex.quote(opts.service_cmd)}")
+    return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     opts, command = parse_args(argv)
+    print(f"to reproduce: {command}", file=sys.stderr)
     if "--from-results" in (argv if argv is not None else sys.argv):
         results = json.loads((opts.work / "results.json").read_text())
     else:
@@ -896,6 +1377,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     report.write(results, opts.out, opts.img)
     print(f"wrote {opts.out} and plots in {opts.img}", file=sys.stderr)
+    print(f"to reproduce: {results.get('command', command)}", file=sys.stderr)
     return 0
 
 

@@ -185,3 +185,39 @@ def test_collapsed_stacks_rank_self_and_inclusive_time() -> None:
     assert inclusive["loop (a.py:2)"] == 0.9
     merged = parse_collapsed(["f (a.py:1);g (b.py:2) 3", "f (a.py:1);g (b.py:7) 4"])
     assert [(e.function, e.share) for e in top_self(merged)] == [("g (b.py)", 1.0)]
+
+
+def test_turn_transcripts_are_matched_from_each_utterance_onset() -> None:
+    latency = WordLatency(WordMap(PERIOD, ((2, 5),)))
+    log = _log([float(i) for i in range(40)])
+    onsets = [3, 20]
+    # the second utterance (onset 20): word 1 completes at packet 22, word 2 at 25
+    added = latency.on_turn_transcript("s", "a", final=False, arrived=22.5, log=log, onsets=onsets)
+    added += latency.on_turn_transcript("s", "a b", final=True, arrived=26.0, log=log, onsets=onsets)
+    assert added == 2
+    assert latency.take() == [pytest.approx(0.5), pytest.approx(1.0)]
+    # a word the map puts beyond the next onset, and one of an unmeasured utterance
+    latency.on_turn_transcript("s", "a b c", final=True, arrived=19.0, log=log, onsets=onsets)
+    latency.on_turn_transcript("s", "a", final=True, arrived=23.0, log=log, onsets=onsets, unmeasured={20})
+    assert latency.take() == [pytest.approx(14.0), pytest.approx(11.0)]
+    assert latency.unmatched == 2
+
+
+def test_a_caption_that_runs_into_the_next_utterance_gets_no_latency_for_its_later_words() -> None:
+    latency = WordLatency(WordMap(PERIOD, ((2, 5),)))
+    log = _log([float(i) for i in range(40)])
+    onsets = [3, 20]
+    assert latency.on_turn_transcript("s", "a", final=False, arrived=6.0, log=log, onsets=onsets) == 1
+    # the next word comes once utterance 2 has started: it may be either's
+    assert latency.on_turn_transcript("s", "a b", final=True, arrived=21.0, log=log, onsets=onsets) == 0
+    assert latency.unmatched == 1
+
+
+def test_a_caption_cut_short_inside_an_utterance_is_continued_by_the_next() -> None:
+    latency = WordLatency(WordMap(PERIOD, ((2, 5, 8),)))
+    log = _log([float(i) for i in range(40)])
+    onsets = [3]
+    # the service ends a long caption after two words; the third word opens a new one
+    assert latency.on_turn_transcript("s", "a b", final=True, arrived=9.0, log=log, onsets=onsets) == 2
+    assert latency.on_turn_transcript("s", "c", final=True, arrived=12.0, log=log, onsets=onsets) == 1
+    assert latency.take() == [pytest.approx(4.0), pytest.approx(1.0), pytest.approx(1.0)]
