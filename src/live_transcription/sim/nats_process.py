@@ -37,7 +37,7 @@ def find_nats_server(binary: Path | None = None) -> Path:
         found = shutil.which("nats-server")
         binary = Path(found) if found else Path("/usr/sbin/nats-server")
     if not binary.is_file():
-        raise NatsServerNotInstalled(f"nats-server is not installed at {binary} (Debian package `nats-server`)")
+        raise NatsServerNotInstalled(f"nats-server is not at {binary} (Debian package `nats-server`)")
     return binary
 
 
