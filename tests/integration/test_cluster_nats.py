@@ -120,6 +120,7 @@ class FakeHost:
                     del self.rooms[command.room]
                     await self.node.room_closed(command.room)
                     return Reply(200, {"message": "leaving the call", "replica": self.name})
+            raise AssertionError(f"unexpected command {command!r}")
         finally:
             self.changes.notify()
 

@@ -426,7 +426,7 @@ class ClusterNode:
         log.warning("NATS: %s", exc or type(exc).__name__)
 
     async def _nats_disconnected(self) -> None:
-        log.warning("NATS connection lost; reconnecting")
+        log.warning("NATS connection lost")
 
     async def _nats_reconnected(self) -> None:
         log.info("NATS connection restored")
