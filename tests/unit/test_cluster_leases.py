@@ -11,6 +11,7 @@ from live_transcription.clock import ManualClock
 from live_transcription.cluster.codec import LeaseValue, RoomRecord
 from live_transcription.cluster.keeper import LeaseKeeper
 from live_transcription.cluster.leases import RELEASED, ExpiryTracker, LeaseClock
+from live_transcription.cluster.options import ClusterOptions
 from live_transcription.cluster.store import Lease, LeaseLost
 
 TTL = 15.0
@@ -200,3 +201,24 @@ async def test_keeper_gives_the_room_up_when_renewals_fail_until_the_lease_may_e
     assert len(owner.lost) == 1
     assert "expired" in owner.lost[0][1]
     assert keeper.failures == 8  # at 5, 6, ... 12 s; at 13 s the lease may have expired: no write
+
+
+def test_a_slow_scan_counts_from_its_start() -> None:
+    t = tracker()
+    t.observe({"room": lease_value("a")}, now=2, started=0)
+    # ended 15 s after the previous scan started: a delete marker written
+    # after that start may have expired already
+    assert t.observe({}, now=TTL, started=10) == []
+    assert t.uncertain == 1
+
+
+def test_options_are_checked() -> None:
+    ClusterOptions()  # the defaults are valid
+    with pytest.raises(ValueError, match="scan_every"):
+        ClusterOptions(lease_ttl=10, lease_margin=2, renew_every=3, scan_every=6)
+    with pytest.raises(ValueError, match="renew_every"):
+        ClusterOptions(lease_ttl=10, lease_margin=2, renew_every=5)
+    with pytest.raises(ValueError, match="replica_id"):
+        ClusterOptions(replica_id="has.dot")
+    with pytest.raises(ValueError, match="max_hops"):
+        ClusterOptions(max_hops=99)

@@ -78,10 +78,11 @@ class ExpiryTracker:
 
     A room leased in the previous scan and absent from this one expired:
     its owner is gone (a released room leaves a delete marker for one TTL).
-    That holds only if scans come less than a TTL apart; after a longer gap
-    (a stalled process) a vanished room may just as well have been released
-    and its marker expired, so it is not taken over (``uncertain`` counts
-    those). The last record seen for each lease is what a take-over restores.
+    That holds only if this scan ended less than a TTL after the previous
+    one started; after a longer gap (a stalled process) a vanished room may
+    just as well have been released and its marker expired, so it is not
+    taken over (``uncertain`` counts those). The last record seen for each
+    lease is what a take-over restores.
     """
 
     def __init__(self, *, ttl: float, takeover_grace: float, forget_after: float) -> None:
@@ -90,14 +91,15 @@ class ExpiryTracker:
         self.forget_after = forget_after
         self._leased: dict[str, LeaseValue] = {}
         self._orphans: dict[str, Orphan] = {}
-        self._last_scan: float | None = None
+        self._last_started: float | None = None
         self.expired_seen = 0
         self.uncertain = 0
         self.forgotten = 0
 
-    def observe(self, scan: Scan, now: float) -> list[Orphan]:
-        """Take one scan; return every room waiting to be taken over."""
-        trusted = self._last_scan is not None and now - self._last_scan < self.ttl
+    def observe(self, scan: Scan, now: float, *, started: float | None = None) -> list[Orphan]:
+        """Take one scan, read between ``started`` (default ``now``) and
+        ``now``; return every room waiting to be taken over."""
+        trusted = self._last_started is not None and now - self._last_started < self.ttl
         for room, value in self._leased.items():
             if room in scan:
                 continue
@@ -113,7 +115,7 @@ class ExpiryTracker:
                 del self._orphans[room]
                 self.forgotten += 1
         self._leased = {room: value for room, value in scan.items() if value is not RELEASED}
-        self._last_scan = now
+        self._last_started = now if started is None else started
         return list(self._orphans.values())
 
     def overdue(self, orphan: Orphan, now: float) -> bool:

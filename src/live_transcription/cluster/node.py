@@ -384,8 +384,11 @@ class ClusterNode:
             await self.scan_once()
 
     async def scan_once(self) -> None:
+        """One scan of the leases and the registry (the watch loop runs it
+        every ``scan_every``); starts a take-over for each orphan placed here."""
         store, registry, tracker = self._started_store(), self._registry, self._tracker
         assert registry is not None and tracker is not None and self._tasks is not None
+        started = self._clock.now()
         try:
             scan = await store.scan()
             self._loads = await registry.replicas()
@@ -396,7 +399,7 @@ class ClusterNode:
         now = self._clock.now()
         loads = dict(self._loads)
         loads[self.replica_id] = self.load()
-        for orphan in tracker.observe(scan, now):
+        for orphan in tracker.observe(scan, now, started=started):
             if orphan.room in self._keepers or orphan.room in self._taking_over or not self._accepting:
                 continue
             if not orphan.record.targets:

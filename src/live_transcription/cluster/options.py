@@ -13,7 +13,7 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 
-from live_transcription.cluster.codec import REPLICA_ID
+from live_transcription.cluster.codec import MAX_HOPS, REPLICA_ID
 
 _NOT_ID = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -72,5 +72,7 @@ class ClusterOptions:
             raise ValueError("publish_every must be at most half of registry_ttl")
         if self.forward_timeout <= 0 or self.nats_timeout <= 0:
             raise ValueError("timeouts must be positive")
-        if self.max_hops < 1 or self.max_inflight < 1 or self.capacity < 0:
-            raise ValueError("max_hops and max_inflight must be >= 1, capacity >= 0")
+        if not 1 <= self.max_hops <= MAX_HOPS:
+            raise ValueError(f"max_hops must be from 1 to {MAX_HOPS}")
+        if self.max_inflight < 1 or self.capacity < 0:
+            raise ValueError("max_inflight must be >= 1, capacity >= 0")
