@@ -17,17 +17,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import nats
 import pytest
 
-from live_transcription.cluster import ClusterNode, ClusterOptions, HostLoad
+from live_transcription.clock import ManualClock
+from live_transcription.cluster import ClusterNode, ClusterOptions, ClusterUnavailable, HostLoad
 from live_transcription.cluster.codec import (
     Command,
+    Forwarded,
     LeaseValue,
     Leave,
     Reply,
     RoomRecord,
     SetLanguage,
     Transcribe,
+    parse_reply,
 )
-from live_transcription.cluster.store import LeaseStore, open_bucket
+from live_transcription.cluster.forwarding import (
+    CommandServer,
+    FailureKind,
+    ForwardFailure,
+    command_subject,
+    forward,
+)
+from live_transcription.cluster.store import LeaseStore, Released, open_bucket
+from live_transcription.sim.janus_process import free_tcp_port
 from live_transcription.sim.nats_process import NatsServerProcess
 from tests.nats_support import nats_server_fixture  # noqa: F401
 
@@ -274,7 +285,7 @@ async def test_commands_reach_the_owner_and_leave_frees_the_room_at_once(
         assert reply.status == 200 and reply.body["replica"] == owner_name
         assert owners_of("meeting", group) == []
         # released, not left to expire: another replica can take the room now
-        assert await store.read("meeting") is None
+        assert await store.state("meeting") == Released("meeting")
         assert await store.acquire(LeaseValue("someone-else", RoomRecord("meeting"))) is not None
 
 
@@ -357,20 +368,108 @@ async def test_a_request_after_the_owners_lease_expired_takes_the_room_over(
     nats_server: NatsServerProcess,
 ) -> None:
     changes = Changes()
-    async with replicas(nats_server, changes, 2) as group, lease_store(nats_server) as store:
-        await group[0].submit(Transcribe("meeting", "alice", language="de"))
-        (owner_name,) = owners_of("meeting", group)
-        owner = next(r for r in group if r.host.name == owner_name)
-        other = next(r for r in group if r is not owner)
-        await owner.node.nats.close()
+    owner_host, survivor_host = FakeHost("a", changes), FakeHost("b", changes)
+    owner = ClusterNode(owner_host, fast_options(nats_server.url, "a", capacity=100))
+    # the survivor's clock never moves: no scan of its own takes the room over,
+    # so only the request below can
+    survivor = ClusterNode(survivor_host, fast_options(nats_server.url, "b", capacity=0), clock=ManualClock())
+    owner_host.node, survivor_host.node = owner, survivor
+    async with owner, survivor, lease_store(nats_server) as store:
+        reply = await survivor.submit(Transcribe("meeting", "alice", language="de"))
+        assert reply.status == 200 and reply.body["replica"] == "a"  # b is full
+        await survivor.scan_once()  # the survivor has seen the room leased
+        await owner.nats.close()
         await poll(lambda: _lease_gone(store, "meeting"), "the stopped owner's lease expired")
-        reply = await other.submit(Transcribe("meeting", "bob", language="de"))
-        assert reply.status == 200 and reply.body["replica"] == other.host.name
-        await changes.until(lambda: other.host.has_room("meeting"), "the room lives on the survivor")
-        assert {"bob"} <= other.host.rooms["meeting"].targets
-        lease = await store.read("meeting")
-        assert lease is not None and lease.value.owner == other.node.replica_id
+        reply = await survivor.submit(SetLanguage("meeting", "fr"))
+        assert reply.status == 200 and reply.body["replica"] == "b", reply
+        assert survivor_host.resumed == [RoomRecord("meeting", "de", frozenset({"alice"}))]
+        assert survivor_host.rooms["meeting"] == RoomRecord("meeting", "fr", frozenset({"alice"}))
+        assert survivor.takeovers == 1
+        await changes.until(lambda: owner_host.lost_rooms == ["meeting"], "the old owner gave the room up")
 
 
 async def _lease_gone(store: LeaseStore, room: str) -> bool:
     return await store.read(room) is None
+
+
+# --- placement, serving, start ----------------------------------------------------------------------------
+
+
+async def test_new_rooms_go_to_the_least_loaded_replica_never_to_a_full_one(
+    nats_server: NatsServerProcess,
+) -> None:
+    changes = Changes()
+    full_host, open_host = FakeHost("a", changes), FakeHost("b", changes)
+    full = ClusterNode(full_host, fast_options(nats_server.url, "a", capacity=0))
+    spare = ClusterNode(open_host, fast_options(nats_server.url, "b", capacity=100))
+    full_host.node, open_host.node = full, spare
+    async with full:
+        await spare.__aenter__()
+        for index in range(4):
+            reply = await full.submit(Transcribe(f"room{index}", "viewer"))
+            assert reply.status == 200 and reply.body["replica"] == "b", reply
+        assert full_host.rooms == {} and full_host.executed == []
+        assert set(open_host.rooms) == {f"room{i}" for i in range(4)}
+        # once every replica is full, Talk hears so
+        await spare.__aexit__(None, None, None)
+        reply = await full.submit(Transcribe("room9", "viewer"))
+        assert reply.status == 503 and "capacity" in reply.body["error"]
+
+
+async def test_forwarded_commands_malformed_or_beyond_the_inflight_cap_are_answered(
+    nats_server: NatsServerProcess,
+) -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow_handler(forwarded: Forwarded) -> Reply:
+        started.set()
+        await release.wait()
+        return Reply(200, {"message": "done"})
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        server = CommandServer(nc, command_subject("lt", "owner"), slow_handler, max_inflight=1)
+        async with asyncio.timeout(DEADLINE), asyncio.TaskGroup() as tasks:
+            serving = tasks.create_task(server.run())
+            await server.ready.wait()
+            subject = command_subject("lt", "owner")
+            bad = await nc.request(subject, b'{"v": 1, "op": "dance"}', timeout=DEADLINE)
+            parsed = parse_reply(bad.data)
+            assert isinstance(parsed, Reply) and parsed.status == 400
+            assert "unknown" in parsed.body["error"]
+            first = tasks.create_task(forward(nc, subject, Forwarded(Leave("r")), deadline=DEADLINE))
+            await started.wait()
+            busy = await forward(nc, subject, Forwarded(Leave("r")), deadline=DEADLINE)
+            assert busy == Reply.error(503, "replica busy; retry")
+            release.set()
+            assert await first == Reply(200, {"message": "done"})
+            assert (server.rejected_malformed, server.rejected_busy, server.served) == (1, 1, 1)
+            nobody = await forward(
+                nc, command_subject("lt", "gone"), Forwarded(Leave("r")), deadline=DEADLINE
+            )
+            assert isinstance(nobody, ForwardFailure) and nobody.kind is FailureKind.NO_RESPONDERS
+            serving.cancel()
+    finally:
+        await nc.close()
+
+
+async def test_an_existing_bucket_keeps_its_ttl(nats_server: NatsServerProcess) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        first = await open_bucket(js, "leases", 3.0)
+        again = await open_bucket(js, "leases", 3.0)  # replicas starting together: same bucket
+        other = await open_bucket(js, "leases", 9.0)  # a replica configured otherwise follows the bucket
+        assert (first.ttl, again.ttl, other.ttl) == (3.0, 3.0, 3.0)
+    finally:
+        await nc.close()
+
+
+async def test_no_nats_server_at_start_is_a_clear_error() -> None:
+    host = FakeHost("a", Changes())
+    options = fast_options(f"nats://user:secret@127.0.0.1:{free_tcp_port()}", "a", connect_deadline=2.0)
+    with pytest.raises(ClusterUnavailable, match="cannot reach NATS") as caught:
+        async with ClusterNode(host, options):
+            pass
+    assert "secret" not in str(caught.value)

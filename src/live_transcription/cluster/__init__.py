@@ -21,12 +21,13 @@ from live_transcription.cluster.codec import (
     SetLanguage,
     Transcribe,
 )
-from live_transcription.cluster.node import ClusterNode, HostLoad, RoomHost
+from live_transcription.cluster.node import ClusterNode, ClusterUnavailable, HostLoad, RoomHost
 from live_transcription.cluster.options import ClusterOptions
 
 __all__ = [
     "ClusterNode",
     "ClusterOptions",
+    "ClusterUnavailable",
     "Command",
     "HostLoad",
     "LeaseValue",

@@ -126,3 +126,15 @@ class ExpiryTracker:
     def orphan(self, room: str) -> Orphan | None:
         """The room's orphan, if its lease expired and nobody took it yet."""
         return self._orphans.get(room)
+
+    def vanished(self, room: str, now: float) -> Orphan | None:
+        """``room`` was found with no key at all (no lease, no delete marker)
+        before the next scan: an orphan if the last scan, recent enough to
+        trust, saw it leased; else None."""
+        orphan = self._orphans.get(room)
+        if orphan is not None:
+            return orphan
+        value = self._leased.get(room)
+        if value is None or self._last_started is None or now - self._last_started >= self.ttl:
+            return None
+        return Orphan(value.record, value.owner, since=now)

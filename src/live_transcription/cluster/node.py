@@ -95,6 +95,10 @@ class RoomHost(Protocol):
         ...
 
 
+class ClusterUnavailable(RuntimeError):
+    """NATS could not be reached at start."""
+
+
 class ClusterNode:
     def __init__(self, host: RoomHost, options: ClusterOptions, *, clock: Clock | None = None) -> None:
         self.host = host
@@ -112,6 +116,7 @@ class ClusterNode:
         self._taking_over: set[str] = set()
         self._loads: dict[str, ReplicaLoad] = {}
         self._accepting = False
+        self._closing = False
         self.scans = 0
         self.forwarded = 0
         self.takeovers = 0
@@ -120,16 +125,24 @@ class ClusterNode:
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         opts = self.options
-        self._nc = await nats.connect(
-            servers=[opts.url],
-            name=f"live-transcription {self.replica_id}",
-            connect_timeout=max(1, round(opts.nats_timeout)),
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            error_cb=self._nats_error,
-            disconnected_cb=self._nats_disconnected,
-            reconnected_cb=self._nats_reconnected,
-        )
+        try:
+            # the client retries forever (max_reconnect_attempts=-1), also at
+            # the first connect: bound the start, keep retrying once connected
+            async with asyncio.timeout(opts.connect_deadline):
+                self._nc = await nats.connect(
+                    servers=[opts.url],
+                    name=f"live-transcription {self.replica_id}",
+                    connect_timeout=max(1, round(opts.nats_timeout)),
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    error_cb=self._nats_error,
+                    disconnected_cb=self._nats_disconnected,
+                    reconnected_cb=self._nats_reconnected,
+                )
+        except TimeoutError:
+            raise ClusterUnavailable(
+                f"cannot reach NATS at {_without_credentials(opts.url)} within {opts.connect_deadline:.0f} s"
+            ) from None
         try:
             js = self._nc.jetstream(timeout=opts.nats_timeout)
             lease_bucket = await open_bucket(js, opts.lease_bucket, opts.lease_ttl)
@@ -184,6 +197,7 @@ class ClusterNode:
         close the connection. Exit the node after the rooms have closed:
         a lease released while its room still runs invites a second owner."""
         self._accepting = False
+        self._closing = True  # the loops stop even if the client library swallows a cancellation
         try:
             if self._registry is not None and self._nc is not None and self._nc.is_connected:
                 try:
@@ -195,6 +209,8 @@ class ClusterNode:
                 keeper.stop()
             for keeper in keepers:
                 await keeper.done.wait()  # each release is bounded by nats_timeout
+            if self._registry is not None:
+                self._registry.stop()
             for task in self._loops:
                 task.cancel()
             if self._tasks is not None:
@@ -260,13 +276,15 @@ class ClusterNode:
         store = self._started_store()
         room = command.room
         for _attempt in range(DISPATCH_ATTEMPTS):
-            lease = await store.read(room)
+            state = await store.state(room)
+            lease = state if isinstance(state, Lease) else None
             owner = lease.value.owner if lease is not None else None
+            # no key at all: the owner's lease expired, unless nobody ever had it
+            orphan = self._vanished(room) if state is None else None
             match route(command, owner, self_id=self.replica_id, hops=hops, max_hops=self.options.max_hops):
                 case ExecuteHere():
                     if owner == self.replica_id and room not in self._keepers:
                         return Reply.error(503, "this room is changing owner; retry")
-                    orphan = self._orphan(room) if owner is None else None
                     if orphan is not None:  # its owner is gone: take it over, then run the command
                         reply = await self._open_here(orphan.record, command, resume=True)
                         if reply is not None:
@@ -286,26 +304,34 @@ class ClusterNode:
                         )
                     # the lease expired (take the room over) or moved: route again
                 case PlaceRoom():
-                    reply = await self._place_and_open(command, hops)
+                    reply = await self._place_and_open(command, hops, orphan)
                     if reply is not None:
                         return reply
         return Reply.error(503, "room ownership kept changing; retry")
 
-    async def _place_and_open(self, command: Command, hops: int) -> Reply | None:
+    async def _place_and_open(self, command: Command, hops: int, orphan: Orphan | None) -> Reply | None:
         room = command.room
-        loads = dict(self._loads)
-        loads[self.replica_id] = self.load()
-        chosen = choose_replica(room, loads.values())
-        if chosen is None:
-            return Reply.error(503, "every replica is at capacity")
-        if chosen != self.replica_id and hops == 0:
+        unreachable: set[str] = set()
+        for _attempt in range(DISPATCH_ATTEMPTS):
+            chosen = choose_replica(room, self._current_loads(), exclude=unreachable)
+            if chosen is None or len(self._loads) <= 1 or unreachable:
+                # none free in the last scan, none scanned yet, or one gone since: look again
+                assert self._registry is not None
+                self._loads = await self._registry.replicas()
+                chosen = choose_replica(room, self._current_loads(), exclude=unreachable)
+            if chosen is None:
+                return Reply.error(503, "every replica is at capacity")
+            if chosen == self.replica_id or hops > 0:  # a forwarded placement: this replica was chosen
+                break
             result = await self._forward(chosen, command, hops)
             if isinstance(result, Reply):
                 return result
-            log.warning("chosen replica %s is unreachable (%s); opening the room here", chosen, result.kind)
+            log.warning("replica %s chosen for a room is unreachable (%s)", chosen, result.kind)
+            unreachable.add(chosen)
+        else:
+            return Reply.error(503, "no replica with capacity answered; retry")
         if not self._accepting:
             return Reply.error(503, "this replica is shutting down; retry")
-        orphan = self._orphan(room)
         if orphan is not None:  # its owner is gone: re-open it with its targets, then run the command
             return await self._open_here(orphan.record, command, resume=True)
         return await self._open_here(RoomRecord(room, language=_language_of(command)), command, resume=False)
@@ -317,9 +343,9 @@ class ClusterNode:
             self.nats, subject, Forwarded(command, hops + 1), deadline=self.options.forward_timeout
         )
 
-    def _orphan(self, room: str) -> Orphan | None:
+    def _vanished(self, room: str) -> Orphan | None:
         tracker = self._tracker
-        return tracker.orphan(room) if tracker is not None else None
+        return tracker.vanished(room, self._clock.now()) if tracker is not None else None
 
     # --- leases -------------------------------------------------------------------------------------------
     async def _open_here(self, record: RoomRecord, command: Command | None, *, resume: bool) -> Reply | None:
@@ -379,7 +405,7 @@ class ClusterNode:
     # --- take-over ----------------------------------------------------------------------------------------
     async def _watch(self) -> None:
         """Scan the leases and the registry; take over orphans placed here."""
-        while True:
+        while not self._closing:
             await self._clock.sleep(self.options.scan_every)
             await self.scan_once()
 
@@ -387,7 +413,9 @@ class ClusterNode:
         """One scan of the leases and the registry (the watch loop runs it
         every ``scan_every``); starts a take-over for each orphan placed here."""
         store, registry, tracker = self._started_store(), self._registry, self._tracker
-        assert registry is not None and tracker is not None and self._tasks is not None
+        assert registry is not None and tracker is not None
+        if self._closing:
+            return
         started = self._clock.now()
         try:
             scan = await store.scan()
@@ -397,14 +425,15 @@ class ClusterNode:
             return
         self.scans += 1
         now = self._clock.now()
-        loads = dict(self._loads)
-        loads[self.replica_id] = self.load()
+        loads = self._current_loads()
         for orphan in tracker.observe(scan, now, started=started):
-            if orphan.room in self._keepers or orphan.room in self._taking_over or not self._accepting:
+            if orphan.room in self._keepers or orphan.room in self._taking_over:
                 continue
+            if not self._accepting or self._tasks is None:
+                break
             if not orphan.record.targets:
                 continue  # nobody to caption for: the room was about to close anyway
-            chosen = choose_replica(orphan.room, loads.values(), exclude={orphan.previous_owner})
+            chosen = choose_replica(orphan.room, loads, exclude={orphan.previous_owner})
             if chosen == self.replica_id or tracker.overdue(orphan, now):
                 self._taking_over.add(orphan.room)
                 self._tasks.create_task(self._take_over(orphan), name=f"takeover-{orphan.room[:8]}")
@@ -420,6 +449,12 @@ class ClusterNode:
             self._taking_over.discard(orphan.room)
 
     # --- internals ----------------------------------------------------------------------------------------
+    def _current_loads(self) -> list[ReplicaLoad]:
+        """The last scanned loads, with this replica's own as it is now."""
+        loads = dict(self._loads)
+        loads[self.replica_id] = self.load()
+        return list(loads.values())
+
     def _started_store(self) -> LeaseStore:
         if self._store is None:
             raise RuntimeError("the node is not started")
@@ -437,3 +472,9 @@ class ClusterNode:
 
 def _language_of(command: Command) -> str | None:
     return command.language if isinstance(command, Transcribe | SetLanguage) else None
+
+
+def _without_credentials(url: str) -> str:
+    """The URL as logs may show it: no user or password."""
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"

@@ -45,6 +45,9 @@ class ClusterOptions:
     forward_timeout: float = 40.0
     """Above the owner's join timeout: a first transcribe waits for the join."""
     nats_timeout: float = 5.0
+    """One NATS round trip (a key-value read or write) at most."""
+    connect_deadline: float = 30.0
+    """Joining the cluster at start fails after this without a NATS server."""
     max_hops: int = 2
     max_inflight: int = 64
     """Forwarded commands one replica serves at once; more get 503 busy."""
@@ -70,7 +73,7 @@ class ClusterOptions:
             raise ValueError("takeover_grace must be at least scan_every")
         if not 0 < self.publish_every <= self.registry_ttl / 2:
             raise ValueError("publish_every must be at most half of registry_ttl")
-        if self.forward_timeout <= 0 or self.nats_timeout <= 0:
+        if min(self.forward_timeout, self.nats_timeout, self.connect_deadline) <= 0:
             raise ValueError("timeouts must be positive")
         if not 1 <= self.max_hops <= MAX_HOPS:
             raise ValueError(f"max_hops must be from 1 to {MAX_HOPS}")

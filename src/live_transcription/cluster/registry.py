@@ -38,6 +38,7 @@ class ReplicaRegistry:
         self._publish_every = publish_every
         self._timeout = timeout
         self._clock = clock
+        self._stopped = False
         self.published = 0
         self.failures = 0
 
@@ -50,14 +51,18 @@ class ReplicaRegistry:
         self.published += 1
 
     async def run(self) -> None:
-        """Publish this replica's load until cancelled."""
-        while True:
+        """Publish this replica's load until stopped or cancelled."""
+        while not self._stopped:
             try:
                 await self.publish()
             except NATS_FAILURES as exc:
                 self.failures += 1
                 log.warning("publishing this replica's load failed (%s)", exc or type(exc).__name__)
             await self._clock.sleep(self._publish_every)
+
+    def stop(self) -> None:
+        """End ``run`` at its next turn."""
+        self._stopped = True
 
     async def withdraw(self) -> None:
         """Leave the registry at once (at shutdown)."""

@@ -56,6 +56,13 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Released:
+    """The room's key holds a delete marker: its owner closed the room (within the last TTL)."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
 class Bucket:
     kv: KeyValue
     ttl: float
@@ -157,11 +164,17 @@ class LeaseStore:
 
     async def read(self, room: str) -> Lease | None:
         """The room's live lease; None when nobody holds it (or its value is unreadable)."""
+        state = await self.state(room)
+        return state if isinstance(state, Lease) else None
+
+    async def state(self, room: str) -> Lease | Released | None:
+        """The room's live lease, Released when its owner closed it, or None
+        when the key has nothing (never leased, or the lease expired)."""
         try:
             async with asyncio.timeout(self._timeout):
                 entry = await self._kv.get(room)
-        except nats.js.errors.KeyNotFoundError:
-            return None
+        except nats.js.errors.KeyNotFoundError as exc:
+            return Released(room) if exc.op in (KV_DEL, KV_PURGE) else None
         parsed = codec.parse_lease(entry.value or b"")
         if isinstance(parsed, codec.CodecError):
             log.warning("lease of %s holds a bad value (%s); treated as free", room, parsed)
