@@ -6,6 +6,8 @@ import asyncio
 
 import nats.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from live_transcription.clock import ManualClock
 from live_transcription.cluster.codec import LeaseValue, RoomRecord
@@ -222,3 +224,51 @@ def test_options_are_checked() -> None:
         ClusterOptions(replica_id="has.dot")
     with pytest.raises(ValueError, match="max_hops"):
         ClusterOptions(max_hops=99)
+
+
+# --- expiry detection against a model of the bucket ---------------------------------------------------
+
+
+ACTIONS = st.sampled_from(["keep", "release", "expire", "acquire"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(ACTIONS, min_size=3, max_size=3), st.floats(0.5, TTL * 0.95)),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_only_expired_leases_become_orphans(steps: list[tuple[list[str], float]]) -> None:
+    """Three rooms; between scans (less than a TTL apart) each room's lease is
+    kept, released, left to expire or (when free) acquired. A released room
+    is never an orphan; a room that expired is one until leased again (or
+    forgotten, ``forget_after`` later)."""
+    rooms = ["r0", "r1", "r2"]
+    leased: dict[str, LeaseValue] = {}
+    released_at: dict[str, float] = {}
+    expired: dict[str, float] = {}
+    t = tracker()
+    now = 0.0
+    for actions, gap in steps:
+        now += gap
+        for room, action in zip(rooms, actions, strict=True):
+            if action == "acquire" and room not in leased:
+                leased[room] = lease_value(f"owner{int(now)}", room)
+                released_at.pop(room, None)
+                expired.pop(room, None)
+            elif action == "release" and room in leased:
+                del leased[room]
+                released_at[room] = now
+            elif action == "expire" and room in leased:
+                del leased[room]
+                expired[room] = now
+        for room in [r for r, at in released_at.items() if now - at >= TTL]:
+            del released_at[room]  # the delete marker aged out
+        scan: dict[str, LeaseValue | None] = dict(leased)
+        scan.update(dict.fromkeys(released_at, RELEASED))
+        for room in [r for r, since in expired.items() if now - since >= t.forget_after]:
+            del expired[room]
+        orphans = {orphan.room for orphan in t.observe(scan, now)}
+        assert orphans == set(expired)

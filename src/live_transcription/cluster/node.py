@@ -114,6 +114,7 @@ class ClusterNode:
         self._loops: list[asyncio.Task[None]] = []
         self._keepers: dict[str, LeaseKeeper] = {}
         self._taking_over: set[str] = set()
+        self._takeover_tasks: set[asyncio.Task[None]] = set()
         self._loads: dict[str, ReplicaLoad] = {}
         self._accepting = False
         self._closing = False
@@ -211,11 +212,11 @@ class ClusterNode:
                 await keeper.done.wait()  # each release is bounded by nats_timeout
             if self._registry is not None:
                 self._registry.stop()
-            for task in self._loops:
+            for task in (*self._loops, *self._takeover_tasks):
                 task.cancel()
             if self._tasks is not None:
-                tasks, self._tasks = self._tasks, None
-                await tasks.__aexit__(exc_type, exc, tb)
+                await self._tasks.__aexit__(exc_type, exc, tb)
+                self._tasks = None
         finally:
             if self._nc is not None and not self._nc.is_closed:
                 await self._nc.close()
@@ -358,6 +359,9 @@ class ClusterNode:
         lease = await store.acquire(LeaseValue(self.replica_id, record))
         if lease is None:
             return None
+        if self._closing:  # shutdown began meanwhile: no new keeper may start
+            await store.release(lease)
+            return Reply.error(503, "this replica is shutting down; retry")
         self._start_keeper(lease, sent_at)
         reply: Reply | None = Reply(200, {})
         try:
@@ -436,7 +440,9 @@ class ClusterNode:
             chosen = choose_replica(orphan.room, loads, exclude={orphan.previous_owner})
             if chosen == self.replica_id or tracker.overdue(orphan, now):
                 self._taking_over.add(orphan.room)
-                self._tasks.create_task(self._take_over(orphan), name=f"takeover-{orphan.room[:8]}")
+                task = self._tasks.create_task(self._take_over(orphan), name=f"takeover-{orphan.room[:8]}")
+                self._takeover_tasks.add(task)
+                task.add_done_callback(self._takeover_tasks.discard)
 
     async def _take_over(self, orphan: Orphan) -> None:
         try:
