@@ -15,7 +15,7 @@ from collections.abc import Callable
 from live_transcription.clock import Clock
 from live_transcription.cluster import codec
 from live_transcription.cluster.codec import ReplicaLoad
-from live_transcription.cluster.store import NATS_FAILURES, SCAN_CONSUMER_IDLE, Bucket, scan_bucket
+from live_transcription.cluster.store import NATS_FAILURES, Bucket, scan_bucket
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class ReplicaRegistry:
 
     async def replicas(self) -> dict[str, ReplicaLoad]:
         """Every live replica's last published load."""
-        async with asyncio.timeout(self._timeout + SCAN_CONSUMER_IDLE):
-            found = await scan_bucket(self._kv, codec.parse_load)
+        async with asyncio.timeout(2 * self._timeout):
+            found = await scan_bucket(self._kv, codec.parse_load, entry_wait=self._timeout)
         return {
             replica: load
             for replica, load in found.items()

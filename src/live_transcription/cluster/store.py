@@ -36,8 +36,10 @@ WRONG_LAST_SEQUENCE = (10071, 10164)
 """JetStream error codes: the expected last revision of the key did not match."""
 STREAM_NAME_IN_USE = 10058
 """JetStream error code: the bucket exists with another configuration."""
-SCAN_CONSUMER_IDLE = 10.0
-"""The server drops a finished scan's ephemeral consumer after this."""
+SCAN_CONSUMER_IDLE = 1.0
+"""The server drops a finished scan's ephemeral consumer this long after the
+scan stops listening (a scan every few seconds would otherwise leave a trail
+of idle consumers); it never drops one that is still being read."""
 
 T = TypeVar("T")
 
@@ -92,15 +94,18 @@ async def open_bucket(js: JetStreamContext, name: str, ttl: float) -> Bucket:
     return Bucket(kv, actual)
 
 
-async def scan_bucket(kv: KeyValue, parse: Callable[[bytes], T | codec.CodecError]) -> dict[str, T | None]:
+async def scan_bucket(
+    kv: KeyValue, parse: Callable[[bytes], T | codec.CodecError], *, entry_wait: float
+) -> dict[str, T | None]:
     """The newest entry of every key: its parsed value, or None for a delete
-    marker. Keys whose value does not parse are left out with a warning."""
+    marker. Keys whose value does not parse are left out with a warning.
+    ``entry_wait``: the longest wait for the next entry."""
     watcher = await kv.watchall(inactive_threshold=SCAN_CONSUMER_IDLE)
     found: dict[str, T | None] = {}
     try:
         while True:
             # nats-py leaves the watcher's methods unannotated
-            entry: KeyValue.Entry | None = await watcher.updates(timeout=SCAN_CONSUMER_IDLE)  # type: ignore[no-untyped-call]
+            entry: KeyValue.Entry | None = await watcher.updates(timeout=entry_wait)  # type: ignore[no-untyped-call]
             if entry is None:  # the watcher's "caught up" marker
                 return found
             if entry.operation in (KV_DEL, KV_PURGE):
@@ -183,8 +188,8 @@ class LeaseStore:
 
     async def scan(self) -> dict[str, LeaseValue | None]:
         """Every room with a key: its lease, or RELEASED (a delete marker)."""
-        async with asyncio.timeout(self._timeout + SCAN_CONSUMER_IDLE):
-            found = await scan_bucket(self._kv, codec.parse_lease)
+        async with asyncio.timeout(2 * self._timeout):
+            found = await scan_bucket(self._kv, codec.parse_lease, entry_wait=self._timeout)
         return {room: value if value is not None else RELEASED for room, value in found.items()}
 
 
