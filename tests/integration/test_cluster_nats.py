@@ -28,6 +28,7 @@ from live_transcription.cluster.codec import (
     RoomRecord,
     SetLanguage,
     Transcribe,
+    encode_lease,
     parse_reply,
 )
 from live_transcription.cluster.forwarding import (
@@ -473,3 +474,38 @@ async def test_no_nats_server_at_start_is_a_clear_error() -> None:
         async with ClusterNode(host, options):
             pass
     assert "secret" not in str(caught.value)
+
+
+async def test_an_owner_whose_lease_another_wrote_stops_its_room(nats_server: NatsServerProcess) -> None:
+    changes = Changes()
+    async with replicas(nats_server, changes, 1) as (owner,), lease_store(nats_server) as store:
+        await owner.submit(Transcribe("meeting", "alice"))
+        assert owner.host.has_room("meeting")
+        # another writer overwrites the key (as a replica that wrongly thought the lease expired)
+        nc = await nats.connect(nats_server.url)
+        try:
+            kv = await nc.jetstream().key_value(ClusterOptions().lease_bucket)
+            await kv.put("meeting", encode_lease(LeaseValue("intruder", RoomRecord("meeting"))))
+        finally:
+            await nc.close()
+        await changes.until(lambda: owner.host.lost_rooms == ["meeting"], "the owner stopped the room")
+        assert owner.node.owned_rooms == frozenset()
+        held = await store.read("meeting")
+        assert held is not None and held.value.owner == "intruder"  # not released by the old owner
+
+
+async def test_shutdown_releases_leases_and_leaves_the_registry(nats_server: NatsServerProcess) -> None:
+    changes = Changes()
+    async with replicas(nats_server, changes, 1, capacity=0) as (watcher,), lease_store(nats_server) as store:
+        host = FakeHost("b", changes)
+        leaving = ClusterNode(host, fast_options(nats_server.url, "b"))
+        host.node = leaving
+        async with leaving:
+            await leaving.submit(Transcribe("meeting", "alice"))
+            assert host.has_room("meeting")
+            registry = watcher.node._registry
+            assert registry is not None
+            assert leaving.replica_id in await registry.replicas()
+        # the host's room would close before the node exits; the node releases what is left
+        assert await store.state("meeting") == Released("meeting")
+        assert leaving.replica_id not in await registry.replicas()
