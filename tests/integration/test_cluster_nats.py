@@ -243,7 +243,7 @@ async def test_concurrent_first_requests_at_every_replica_end_with_one_owner(
                 for replica in group
             )
         )
-        assert [reply.status for reply in replies] == [200] * len(replies), replies
+        assert [reply for reply in replies if reply.status != 200] == []
         for room in rooms:
             (owner,) = owners_of(room, group)
             record = next(r.host.rooms[room] for r in group if r.host.name == owner)

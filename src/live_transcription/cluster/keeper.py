@@ -94,6 +94,7 @@ class LeaseKeeper:
                     break
                 if self._time.expired(self._clock.now()):
                     continue
+            self._wake.clear()  # whatever woke us is handled by this write
             record, self._pending = self._pending, None
             value = LeaseValue(self._lease.value.owner, record or self._lease.value.record)
             sent_at = self._clock.now()

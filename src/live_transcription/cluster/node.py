@@ -114,6 +114,10 @@ class ClusterNode:
         self._loops: list[asyncio.Task[None]] = []
         self._keepers: dict[str, LeaseKeeper] = {}
         self._taking_over: set[str] = set()
+        self._acquiring: dict[str, asyncio.Event] = {}
+        """Rooms whose lease this replica is taking: set once the keeper runs
+        (or the attempt failed). The lease is visible on the server before
+        the acquiring call returns here."""
         self._takeover_tasks: set[asyncio.Task[None]] = set()
         self._loads: dict[str, ReplicaLoad] = {}
         self._accepting = False
@@ -285,7 +289,11 @@ class ClusterNode:
             match route(command, owner, self_id=self.replica_id, hops=hops, max_hops=self.options.max_hops):
                 case ExecuteHere():
                     if owner == self.replica_id and room not in self._keepers:
-                        return Reply.error(503, "this room is changing owner; retry")
+                        acquiring = self._acquiring.get(room)
+                        if acquiring is None:
+                            return Reply.error(503, "this room is changing owner; retry")
+                        await acquiring.wait()  # our own acquire is returning: route again
+                        continue
                     if orphan is not None:  # its owner is gone: take it over, then run the command
                         reply = await self._open_here(orphan.record, command, resume=True)
                         if reply is not None:
@@ -355,14 +363,20 @@ class ClusterNode:
         replica took the lease first."""
         store = self._started_store()
         room = record.room
-        sent_at = self._clock.now()
-        lease = await store.acquire(LeaseValue(self.replica_id, record))
-        if lease is None:
-            return None
-        if self._closing:  # shutdown began meanwhile: no new keeper may start
-            await store.release(lease)
-            return Reply.error(503, "this replica is shutting down; retry")
-        self._start_keeper(lease, sent_at)
+        acquired = self._acquiring[room] = asyncio.Event()
+        try:
+            sent_at = self._clock.now()
+            lease = await store.acquire(LeaseValue(self.replica_id, record))
+            if lease is None:
+                return None
+            if self._closing:  # shutdown began meanwhile: no new keeper may start
+                await store.release(lease)
+                return Reply.error(503, "this replica is shutting down; retry")
+            self._start_keeper(lease, sent_at)
+        finally:
+            acquired.set()
+            if self._acquiring.get(room) is acquired:
+                del self._acquiring[room]
         reply: Reply | None = Reply(200, {})
         try:
             if resume:
@@ -397,14 +411,18 @@ class ClusterNode:
             await keeper.run()
         except Exception:
             log.exception("the lease keeper of room %s failed", keeper.room)
-            self._lease_lost(keeper.room, "lease keeper failed")
+            if keeper.lost_reason is None:
+                self._lease_lost(keeper.room, "lease keeper failed")
         finally:
             if self._keepers.get(keeper.room) is keeper:
                 del self._keepers[keeper.room]
 
     def _lease_lost(self, room: str, reason: str) -> None:
         self.leases_lost += 1
-        self.host.lost(room, reason)
+        try:
+            self.host.lost(room, reason)
+        except Exception:
+            log.exception("stopping room %s after its lease was lost failed", room)
 
     # --- take-over ----------------------------------------------------------------------------------------
     async def _watch(self) -> None:
