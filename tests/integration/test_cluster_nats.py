@@ -88,8 +88,9 @@ class Changes:
 class FakeHost:
     """The rooms of one replica, as records: what a room manager keeps."""
 
-    def __init__(self, name: str, changes: Changes) -> None:
+    def __init__(self, name: str, changes: Changes, capacity: int | None = None) -> None:
         self.name = name
+        self.capacity = capacity
         self.changes = changes
         self.node: ClusterNode | None = None
         self.rooms: dict[str, RoomRecord] = {}
@@ -98,7 +99,8 @@ class FakeHost:
         self.lost_rooms: list[str] = []
 
     def load(self) -> HostLoad:
-        return HostLoad(speakers=sum(len(r.targets) for r in self.rooms.values()), rooms=len(self.rooms))
+        speakers = sum(len(r.targets) for r in self.rooms.values())
+        return HostLoad(speakers=speakers, rooms=len(self.rooms), capacity=self.capacity)
 
     def has_room(self, room: str) -> bool:
         return room in self.rooms
@@ -400,8 +402,8 @@ async def test_new_rooms_go_to_the_least_loaded_replica_never_to_a_full_one(
     nats_server: NatsServerProcess,
 ) -> None:
     changes = Changes()
-    full_host, open_host = FakeHost("a", changes), FakeHost("b", changes)
-    full = ClusterNode(full_host, fast_options(nats_server.url, "a", capacity=0))
+    full_host, open_host = FakeHost("a", changes, capacity=0), FakeHost("b", changes)
+    full = ClusterNode(full_host, fast_options(nats_server.url, "a"))
     spare = ClusterNode(open_host, fast_options(nats_server.url, "b", capacity=100))
     full_host.node, open_host.node = full, spare
     async with full:

@@ -70,6 +70,8 @@ class HostLoad:
     speakers: int
     rooms: int
     accepting: bool = True
+    capacity: int | None = None
+    """Speakers this replica takes at most; None: ``ClusterOptions.capacity``."""
 
 
 class RoomHost(Protocol):
@@ -242,7 +244,7 @@ class ClusterNode:
             replica=self.replica_id,
             speakers=host.speakers,
             rooms=host.rooms,
-            capacity=self.options.capacity,
+            capacity=self.options.capacity if host.capacity is None else host.capacity,
             accepting=host.accepting and self._accepting,
         )
 

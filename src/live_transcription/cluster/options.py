@@ -52,7 +52,8 @@ class ClusterOptions:
     max_inflight: int = 64
     """Forwarded commands one replica serves at once; more get 503 busy."""
     capacity: int = 150
-    """Speakers this replica takes; placement never chooses a full replica."""
+    """Speakers this replica takes, unless its room host reports its own cap;
+    placement never chooses a full replica."""
 
     def __post_init__(self) -> None:
         if REPLICA_ID.fullmatch(self.replica_id) is None:
