@@ -43,6 +43,8 @@ from live_transcription.sim.janus_process import free_tcp_port
 from live_transcription.sim.nats_process import NatsServerProcess
 from tests.nats_support import nats_server_fixture  # noqa: F401
 
+pytestmark = pytest.mark.nats
+
 DEADLINE = 60.0
 _ids = itertools.count(1)
 
