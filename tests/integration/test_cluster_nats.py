@@ -232,6 +232,13 @@ async def test_racing_acquires_give_each_room_exactly_one_owner(nats_server: Nat
         assert not await second.release(lease)  # stale revision: not ours to delete
         assert await first.release(renewed)
         assert await first.read("renewed") is None
+        assert await first.state("renewed") == Released("renewed")
+        # a released room (its key holds a delete marker) is raced for the same way
+        results = await asyncio.gather(
+            first.acquire(LeaseValue("one", RoomRecord("renewed"))),
+            second.acquire(LeaseValue("two", RoomRecord("renewed"))),
+        )
+        assert len([lease for lease in results if lease is not None]) == 1, results
 
 
 async def test_concurrent_first_requests_at_every_replica_end_with_one_owner(
