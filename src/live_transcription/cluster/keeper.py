@@ -49,6 +49,7 @@ class LeaseKeeper:
         )
         self._pending: RoomRecord | None = None
         self._stopping = False
+        self._release_at_stop = True
         self._wake = asyncio.Event()
         self.done = asyncio.Event()
         self.lost_reason: str | None = None
@@ -71,9 +72,12 @@ class LeaseKeeper:
         self._pending = record
         self._wake.set()
 
-    def stop(self) -> None:
-        """Stop renewing and release the lease (``done`` is set once that is over)."""
+    def stop(self, *, release: bool = True) -> None:
+        """Stop renewing and release the lease (``done`` is set once that is
+        over). ``release=False`` leaves the lease to expire instead, so that
+        other replicas see an orphan and one of them takes the room."""
         self._stopping = True
+        self._release_at_stop = self._release_at_stop and release
         self._wake.set()
 
     async def run(self) -> None:
@@ -113,7 +117,8 @@ class LeaseKeeper:
             self._time.confirmed(sent_at)
             self.renewals += 1
             failed = False
-        await self._release()
+        if self._release_at_stop:
+            await self._release()
 
     async def _wait(self, seconds: float) -> None:
         """Sleep on the clock, or less when woken by a record change or stop."""

@@ -121,6 +121,13 @@ class ClusterNode:
         (or the attempt failed). The lease is visible on the server before
         the acquiring call returns here."""
         self._takeover_tasks: set[asyncio.Task[None]] = set()
+        self._resume_failed: dict[str, float] = {}
+        """Rooms this replica could not re-open, and when: while another
+        replica may take them it leaves them alone (grabbing them again would
+        starve the others), and alone it retries later."""
+        # the lease this replica left expires (one TTL), then the others see
+        # the orphan and, after their grace, take it: leave them all of that
+        self._retry_resume_after = options.lease_ttl + 2 * (options.takeover_grace + options.scan_every)
         self._loads: dict[str, ReplicaLoad] = {}
         self._accepting = False
         self._closing = False
@@ -248,6 +255,12 @@ class ClusterNode:
             accepting=host.accepting and self._accepting,
         )
 
+    async def replicas(self) -> dict[str, ReplicaLoad]:
+        """Every live replica's last published load, read now."""
+        if self._registry is None:
+            raise RuntimeError("the node is not started")
+        return await self._registry.replicas()
+
     async def submit(self, command: Command) -> Reply:
         """Run a Talk command where its room lives: here, or on its owner."""
         return await self._dispatch(command, hops=0)
@@ -260,11 +273,7 @@ class ClusterNode:
 
     async def room_closed(self, room: str) -> None:
         """The room closed here: release its lease now, so it is free at once."""
-        keeper = self._keepers.get(room)
-        if keeper is None:
-            return
-        keeper.stop()
-        await keeper.done.wait()
+        await self._stop_keeper(room, release=True)
 
     # --- routing ------------------------------------------------------------------------------------------
     async def _serve(self, forwarded: Forwarded) -> Reply:
@@ -380,17 +389,22 @@ class ClusterNode:
             if self._acquiring.get(room) is acquired:
                 del self._acquiring[room]
         reply: Reply | None = Reply(200, {})
+        resumed = True
         try:
             if resume:
                 self.takeovers += 1
                 log.info("%s takes room %s over (%d targets)", self.replica_id, room, len(record.targets))
-                if not await self.host.resume(record):
+                resumed = await self.host.resume(record)
+                if not resumed:
+                    self._resume_failed[room] = self._clock.now()
                     log.warning("room %s taken over could not be re-opened here", room)
             if command is not None:
                 reply = await self.host.execute(command)
         finally:
             if not self.host.has_room(room):
-                await self.room_closed(room)
+                # a room that could not be re-opened here stays an orphan for
+                # another replica; one Talk's command did not open is closed
+                await self._stop_keeper(room, release=resumed)
         return reply
 
     def _start_keeper(self, lease: Lease, sent_at: float) -> None:
@@ -418,6 +432,13 @@ class ClusterNode:
         finally:
             if self._keepers.get(keeper.room) is keeper:
                 del self._keepers[keeper.room]
+
+    async def _stop_keeper(self, room: str, *, release: bool) -> None:
+        keeper = self._keepers.get(room)
+        if keeper is None:
+            return
+        keeper.stop(release=release)
+        await keeper.done.wait()
 
     def _lease_lost(self, room: str, reason: str) -> None:
         self.leases_lost += 1
@@ -450,6 +471,11 @@ class ClusterNode:
         self.scans += 1
         now = self._clock.now()
         loads = self._current_loads()
+        for room, failed_at in list(self._resume_failed.items()):
+            value = scan.get(room)
+            elsewhere = room in scan and (value is None or value.owner != self.replica_id)
+            if elsewhere or now - failed_at >= self._retry_resume_after:
+                del self._resume_failed[room]  # taken or closed by another, or time to retry
         for orphan in tracker.observe(scan, now, started=started):
             if orphan.room in self._keepers or orphan.room in self._taking_over:
                 continue
@@ -457,6 +483,10 @@ class ClusterNode:
                 break
             if not orphan.record.targets:
                 continue  # nobody to caption for: the room was about to close anyway
+            if orphan.room in self._resume_failed and any(
+                load.replica not in (self.replica_id, orphan.previous_owner) for load in loads
+            ):
+                continue
             chosen = choose_replica(orphan.room, loads, exclude={orphan.previous_owner})
             if chosen == self.replica_id or tracker.overdue(orphan, now):
                 self._taking_over.add(orphan.room)
