@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the service and its tests use: libopus0 (Opus decode at 24 kHz),
-# janus (the SFU in end-to-end tests and the demo), espeak-ng (speech for tests and the demo).
+# janus (the SFU in end-to-end tests and the demo), espeak-ng (speech for tests and the demo),
+# nats-server (JetStream, for the cluster tests).
 # Installs only what is missing; says loudly when it cannot.
 set -u
-want=(libopus0 janus espeak-ng)
+want=(libopus0 janus espeak-ng nats-server)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -26,6 +27,9 @@ $sudo apt-get update -qq >/dev/null 2>&1 || true
 if ! $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/live-transcription-apt.log 2>&1; then
   echo "WARNING: apt-get install ${missing[*]} failed (see /tmp/live-transcription-apt.log); tests that need them will be skipped" >&2
 fi
-# The Debian package starts janus as a system service; the tests and the demo run their own.
-if command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now janus >/dev/null 2>&1 || true; fi
+# The Debian packages start janus and nats-server as system services; the tests and the demo run their own.
+if command -v systemctl >/dev/null 2>&1; then
+  $sudo systemctl disable --now janus >/dev/null 2>&1 || true
+  $sudo systemctl disable --now nats-server >/dev/null 2>&1 || true
+fi
 exit 0
