@@ -86,6 +86,22 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+async def terminate_process(proc: asyncio.subprocess.Process, deadline_s: float, name: str) -> None:
+    """SIGTERM a child process, then SIGKILL it if it is still there after ``deadline_s``."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        async with asyncio.timeout(deadline_s):
+            await proc.wait()
+    except TimeoutError:
+        log.warning("%s pid %d ignored SIGTERM; killing it", name, proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 @dataclass(frozen=True, slots=True)
 class JanusConfig:
     """What varies between instances; everything else is fixed below."""
@@ -313,18 +329,8 @@ class JanusProcess:
 
     async def _stop_process(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            async with asyncio.timeout(self._stop_deadline_s):
-                await proc.wait()
-        except TimeoutError:
-            log.warning("janus pid %d ignored SIGTERM; killing it", proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await terminate_process(proc, self._stop_deadline_s, "janus")
 
     async def _stop(self) -> None:
         try:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from live_transcription.sim.janus_process import free_tcp_port
+from live_transcription.sim.janus_process import free_tcp_port, terminate_process
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +158,8 @@ class NatsServerProcess:
 
     async def _stop_process(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            async with asyncio.timeout(self._stop_deadline_s):
-                await proc.wait()
-        except TimeoutError:
-            log.warning("nats-server pid %d ignored SIGTERM; killing it", proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await terminate_process(proc, self._stop_deadline_s, "nats-server")
 
     async def _stop(self) -> None:
         try:
