@@ -136,6 +136,10 @@ stt_lease_wait = Histogram(
     "From a speaker's speech onset to a leased STT connection",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0),
 )
+stt_speakers_waiting = Gauge(
+    f"{PREFIX}_stt_speakers_waiting",
+    "Speakers waiting now for an STT connection (their audio is buffered, bounded)",
+)
 stt_lease_waits = Counter(
     f"{PREFIX}_stt_lease_waits",
     "Speech onsets that found no idle STT connection, by reason (cold, capacity, reconnect)",

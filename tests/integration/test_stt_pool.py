@@ -64,6 +64,10 @@ def audio_seconds(kind: str) -> float:
     return value or 0.0
 
 
+def speakers_waiting() -> float | None:
+    return REGISTRY.get_sample_value("live_transcription_stt_speakers_waiting")
+
+
 def lease_waits(reason: str) -> float:
     value = REGISTRY.get_sample_value("live_transcription_stt_lease_waits_total", {"reason": reason})
     return value or 0.0
@@ -220,6 +224,7 @@ async def test_a_full_server_makes_the_speaker_wait_and_its_words_come_late() ->
                 b, lambda e: isinstance(e[-1], StreamError) and e[-1].reason == "capacity"
             )
             assert fake.refused_full >= 1 and pool.capacity_refusals >= 1
+            assert speakers_waiting() == 1  # visible while it lasts, not only once it ends
             a.end_of_speech()
             a_events += await modal_utterance_done(clock, a, 1)
             # the freed connection goes to b; its buffered speech is sent whole
@@ -229,6 +234,7 @@ async def test_a_full_server_makes_the_speaker_wait_and_its_words_come_late() ->
         assert b.frames_dropped == 0
         assert fake.connections == 1
         assert lease_waits("capacity") > capacity_before
+        assert speakers_waiting() == 0
 
 
 async def test_a_connection_dropped_mid_lease_loses_no_word_and_the_next_speaker_gets_a_new_one() -> None:

@@ -70,7 +70,7 @@ CAPACITY_STATUSES = frozenset({429, 503})
 class PoolOptions:
     headroom: int = 1
     """Idle warm connections kept beyond the waiting requests (the minimum)."""
-    max_connections: int = 64
+    max_connections: int = 512
     """Open and opening connections, at most (leased ones included)."""
     keepalive_seconds: float = 20.0
     """An idle connection gets one silent frame this often."""
@@ -255,7 +255,7 @@ class ConnectionPool:
         self._wake.set()
 
     def record_audio(self, speech_frames: int, flush_frames: int) -> None:
-        """Audio a lessee sent, added once per lease (not per frame)."""
+        """Audio a lessee sent, added per utterance and at the lease's end (not per frame)."""
         if speech_frames:
             self._speech_metric.inc(speech_frames * FRAME_SECONDS)
         if flush_frames:
@@ -289,6 +289,7 @@ class ConnectionPool:
             self._waiting.clear()
             for state in State:
                 metrics.stt_pool_streams.labels(state.value).set(0)
+            metrics.stt_speakers_waiting.set(0)
 
     def _maintain(self) -> None:
         now = self._clock.now()
@@ -398,6 +399,7 @@ class ConnectionPool:
         metrics.stt_pool_streams.labels("leased").set(self._leased)
         metrics.stt_pool_streams.labels("idle").set(len(self._idle))
         metrics.stt_pool_streams.labels("opening").set(len(self._opening))
+        metrics.stt_speakers_waiting.set(len(self._waiting))
 
     def _arm(self, delay: float) -> None:
         self._timers = self._timers[-16:]

@@ -290,9 +290,12 @@ class RemoteStream(DrivenStream):
             return
         self._protocol = None
         connection.last_frame_at = self._clock.now()
+        self._record_audio()
+        self._engine.pool().give_back(connection, reusable=reusable)
+
+    def _record_audio(self) -> None:
         self._engine.pool().record_audio(self._speech_frames, self._flush_frames)
         self._speech_frames = self._flush_frames = 0
-        self._engine.pool().give_back(connection, reusable=reusable)
 
     async def _send_pending(self) -> None:
         connection = self._connection
@@ -333,6 +336,7 @@ class RemoteStream(DrivenStream):
                 protocol.encode_marker(step.marker_id)
             ):
                 return
+        self._record_audio()  # per utterance: a speaker may keep its lease for hours
         now = self._clock.now()
         self._flush = _Flush.WAITING
         self._flush_started = now
