@@ -90,6 +90,14 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(10.0, alias="LT_HTTP_BODY_TIMEOUT_SECONDS", gt=0, le=300)
     http_keep_alive: int = Field(5, alias="LT_HTTP_KEEP_ALIVE_SECONDS", ge=1, le=300)
     http_shutdown_grace: int = Field(3, alias="LT_HTTP_SHUTDOWN_GRACE_SECONDS", ge=0, le=15)
+    # --- Cluster of replicas through NATS (off unless LT_NATS_URL is set) ------------
+    nats_url: str = Field("", alias="LT_NATS_URL")
+    replica_id: str = Field(
+        "", alias="LT_REPLICA_ID", pattern=r"^[A-Za-z0-9_-]{0,64}$", description="default: host-pid-random"
+    )
+    cluster_lease_ttl: float = Field(15.0, alias="LT_CLUSTER_LEASE_TTL_SECONDS", ge=3, le=300)
+    cluster_name: str = Field("live_transcription", alias="LT_CLUSTER_NAME", pattern=r"^[A-Za-z0-9_-]{1,50}$")
+    cluster_connect_timeout: float = Field(30.0, alias="LT_CLUSTER_CONNECT_TIMEOUT_SECONDS", gt=0, le=600)
     log_level: str = Field("INFO", alias="LT_LOG_LEVEL")
     log_format: str = Field("json", alias="LT_LOG_FORMAT", pattern="^(json|text)$")
 
@@ -97,6 +105,15 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.strip().rstrip("/")
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, value: str) -> str:
+        value = value.strip()
+        for url in filter(None, (part.strip() for part in value.split(","))):
+            if not url.startswith(("nats://", "tls://")) or len(url.split("://", 1)[1]) == 0:
+                raise ValueError("must be nats://host:port or tls://host:port (comma-separated for several)")
+        return value
 
     @field_validator("hpb_url")
     @classmethod

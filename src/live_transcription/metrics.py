@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "live_transcription"
 
@@ -270,3 +270,57 @@ def observe_translation(source: Callable[[], tuple[int, int]] | None) -> None:
 def observe_state(source: Callable[[], StateSnapshot] | None) -> None:
     """Point the state gauges at the running service (None at shutdown)."""
     _state.source = source
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    connected: bool
+    rooms_owned: int
+    rooms_unleased: int
+    replicas: int
+    forwards: int
+    takeovers: int
+    leases_lost: int
+    disconnects: int
+
+
+class _ClusterCollector:
+    """This replica in the cluster (LT_NATS_URL), read from its node at
+    scrape time; zeros in a single process, so every series exists."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], ClusterSnapshot] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        snap = self.source() if self.source is not None else ClusterSnapshot(False, 0, 0, 0, 0, 0, 0, 0)
+        for name, doc, value in (
+            ("cluster_nats_connected", "1 while this replica is connected to NATS", int(snap.connected)),
+            ("cluster_rooms_owned", "Rooms whose lease this replica holds", snap.rooms_owned),
+            (
+                "cluster_rooms_unleased",
+                "Rooms running here whose lease expired while NATS was unreachable",
+                snap.rooms_unleased,
+            ),
+            ("cluster_replicas", "Live replicas in the last scan of the registry", snap.replicas),
+        ):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        for name, doc, count in (
+            ("cluster_forwards", "Talk commands sent to the replica owning the room", snap.forwards),
+            ("cluster_takeovers", "Rooms taken over from a replica that disappeared", snap.takeovers),
+            (
+                "cluster_leases_lost",
+                "Room leases lost (another replica wrote them, or renewals failed too long)",
+                snap.leases_lost,
+            ),
+            ("cluster_nats_disconnects", "Times the connection to NATS was lost", snap.disconnects),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=count)
+
+
+_cluster = _ClusterCollector()
+REGISTRY.register(_cluster)
+
+
+def observe_cluster(source: Callable[[], ClusterSnapshot] | None) -> None:
+    """Point the cluster metrics at this replica's node (None: no cluster)."""
+    _cluster.source = source

@@ -19,12 +19,16 @@ from aiortc import RTCIceServer
 
 from live_transcription import metrics
 from live_transcription.api.app import Runtime
+from live_transcription.api.commands import run_command
 from live_transcription.clock import Clock, MonotonicClock
+from live_transcription.cluster.node import ClusterNode
+from live_transcription.cluster.options import ClusterOptions
 from live_transcription.config import Settings
 from live_transcription.hpb.connection import HpbLinkFactory
 from live_transcription.hpb.ice import app_api_headers, fetch_ice_servers
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
+from live_transcription.rooms.cluster_host import ManagerHost
 from live_transcription.rooms.manager import Manager
 from live_transcription.rooms.room import SpeakerContext, SpeakerSession
 from live_transcription.rooms.speaker import Speaker
@@ -129,8 +133,12 @@ async def running_service(
     link_factory: ports.CallLinkFactory | None = None,
     ice_servers: Callable[[], Any] | None = None,
     translation_backend: TaskBackend | None = None,
+    cluster_options: ClusterOptions | None = None,
+    cluster_clock: Clock | None = None,
 ) -> AsyncIterator[Runtime]:
-    """The whole service; the keyword arguments replace parts in tests."""
+    """The whole service; the keyword arguments replace parts in tests.
+    With ``LT_NATS_URL`` (or ``cluster_options``) it is one replica of a
+    cluster: Talk's commands go through its ``ClusterNode``."""
     engine = engine or create_engine(settings)
     process = psutil.Process()
     stack = AsyncExitStack()
@@ -171,6 +179,17 @@ async def running_service(
         )
         metrics.observe_state(lambda: _snapshot(manager))
         metrics.observe_translation(manager.translation_in_use)
+        options = cluster_options or _cluster_options(settings)
+        node: ClusterNode | None = None
+        if options is not None:
+            host = ManagerHost(manager, run_command)
+            manager.observer = host
+            node = host.node = ClusterNode(host, options, clock=cluster_clock)
+            metrics.observe_cluster(lambda: _cluster_snapshot(node))
+            # entered before the rooms and left after them: a room's lease is
+            # held for as long as the room runs (a placement that reaches this
+            # replica before the Manager runs gets 503)
+            await stack.enter_async_context(node)
         # the engine's background work outlives the speakers, who give their
         # STT connections back as they end
         async with engine.running(), manager:
@@ -186,13 +205,40 @@ async def running_service(
                 engine_error=engine.failure,
                 engine_ready=engine.ready,
                 init_task=init_done,
+                cluster=node,
             )
             log.info("shutting down: leaving %d room(s)", len(manager.rooms()))
     finally:
         metrics.observe_state(None)
         metrics.observe_translation(None)
+        metrics.observe_cluster(None)
         await stack.aclose()
         await engine.aclose()
+
+
+def _cluster_options(settings: Settings) -> ClusterOptions | None:
+    if not settings.nats_url:
+        return None
+    return ClusterOptions.scaled(
+        url=settings.nats_url,
+        lease_ttl=settings.cluster_lease_ttl,
+        replica_id=settings.replica_id or None,
+        cluster_name=settings.cluster_name,
+        connect_deadline=settings.cluster_connect_timeout,
+    )
+
+
+def _cluster_snapshot(node: ClusterNode) -> metrics.ClusterSnapshot:
+    return metrics.ClusterSnapshot(
+        connected=node.connected,
+        rooms_owned=len(node.owned_rooms),
+        rooms_unleased=len(node.unleased_rooms),
+        replicas=node.replicas_seen,
+        forwards=node.forwarded,
+        takeovers=node.takeovers,
+        leases_lost=node.leases_lost,
+        disconnects=node.disconnects,
+    )
 
 
 def _snapshot(manager: Manager) -> metrics.StateSnapshot:

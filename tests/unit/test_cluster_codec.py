@@ -19,6 +19,7 @@ from live_transcription.cluster.codec import (
     Reply,
     RoomRecord,
     SetLanguage,
+    SetTargetLanguage,
     Transcribe,
 )
 
@@ -29,9 +30,15 @@ sessions = st.text(min_size=1, max_size=512)
 languages = st.text(min_size=1, max_size=16)
 commands = st.one_of(
     st.builds(
-        Transcribe, room=tokens, session=sessions, enable=st.booleans(), language=st.none() | languages
+        Transcribe,
+        room=tokens,
+        session=sessions,
+        enable=st.booleans(),
+        language=st.none() | languages,
+        translate_to=st.none() | languages,
     ),
     st.builds(SetLanguage, room=tokens, language=languages),
+    st.builds(SetTargetLanguage, room=tokens, session=sessions, language=st.none() | languages),
     st.builds(Leave, room=tokens),
 )
 records = st.builds(
@@ -95,6 +102,7 @@ def test_parsers_never_raise_on_bytes(data: bytes) -> None:
                 "session",
                 "enable",
                 "language",
+                "translate_to",
                 "hops",
                 "status",
                 "body",
@@ -181,6 +189,7 @@ def test_messages_are_versioned_json() -> None:
         "session": "sess",
         "enable": True,
         "language": "de",
+        "translate_to": None,
         "hops": 1,
     }
     lease = json.loads(codec.encode_lease(LeaseValue("r1", RoomRecord("room1", "en", frozenset({"b", "a"})))))

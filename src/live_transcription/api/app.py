@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psutil
 from fastapi import FastAPI, Query, Request
@@ -24,25 +24,26 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from live_transcription.api.appapi import AppApiAuth, BodyLimit
-from live_transcription.api.health import Health, HealthInputs, assess
-from live_transcription.config import Settings
-from live_transcription.hpb.failures import describe_failure
-from live_transcription.logs import short_token
-from live_transcription.rooms import ports
-from live_transcription.rooms.manager import (
-    CapacityReached,
-    JoinCancelled,
-    Manager,
-    NoSuchRoom,
-    NotCaptioned,
-    ProviderFailure,
-    UnsupportedLanguage,
+from live_transcription.api.commands import run_command
+from live_transcription.api.health import ClusterState, Health, HealthInputs, assess
+from live_transcription.cluster.codec import (
+    Command,
+    Leave,
+    Reply,
+    SetLanguage,
+    SetTargetLanguage,
+    Transcribe,
 )
+from live_transcription.config import Settings
+from live_transcription.rooms.manager import Manager
 from live_transcription.translation.languages import TranslationLanguages
 from live_transcription.translation.translator import (
     TranslationTemporarilyUnavailable,
     TranslationUnavailable,
 )
+
+if TYPE_CHECKING:
+    from live_transcription.cluster.node import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,26 @@ class Runtime:
     enabled: bool = True
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    cluster: ClusterNode | None = None
+    """This replica's node when replicas share rooms through NATS."""
+
+    async def submit(self, command: Command) -> Reply:
+        """Run a Talk command where its room lives: here, or (in a cluster) on its owner."""
+        if self.cluster is not None:
+            return await self.cluster.submit(command)
+        return await run_command(self.manager, command)
+
+    def cluster_state(self) -> ClusterState | None:
+        node = self.cluster
+        if node is None:
+            return None
+        return ClusterState(
+            replica=node.replica_id,
+            connected=node.connected,
+            rooms_owned=len(node.owned_rooms),
+            rooms_unleased=len(node.unleased_rooms),
+            replicas=node.replicas_seen,
+        )
 
     def health(self) -> tuple[Health, HealthInputs]:
         inputs = HealthInputs(
@@ -83,6 +104,7 @@ class Runtime:
             accepting=self.manager.accepting,
             joins=self.manager.joins.report(),
             rooms_cap=self.manager.max_rooms,
+            cluster=self.cluster_state(),
         )
         return assess(inputs), inputs
 
@@ -123,6 +145,10 @@ class LeaveBody(_Body):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _answer(reply: Reply) -> JSONResponse:
+    return JSONResponse(dict(reply.body), status_code=reply.status)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -195,49 +221,21 @@ def create_app(runtime: Runtime) -> FastAPI:
         return _languages(manager)
 
     @app.post("/api/v1/call/transcribe", response_model=None)
-    async def transcribe(body: TranscribeBody) -> JSONResponse | dict[str, str]:
+    async def transcribe(body: TranscribeBody) -> JSONResponse:
         if not runtime.enabled and body.enable:
             return _error(503, "the app is disabled")
-        try:
-            message = await manager.transcribe(
-                body.roomToken,
-                body.ncSessionId,
-                body.enable,
-                body.langId,
-                translate_to=body.translationTargetLangId if body.enable else None,
-            )
-        except UnsupportedLanguage as exc:
-            return _error(400, str(exc))
-        except TranslationUnavailable as exc:
-            return _error(550, f"translation provider unavailable: {exc}")
-        except NotCaptioned as exc:
-            return _error(412, str(exc))
-        except ports.HpbUnavailable as exc:
-            cause = describe_failure(exc)
-            # the details (exception chain) for the operator, plain words for Talk;
-            # grouped by cause, not room: a flood of enables is a few lines
-            log.info(
-                "enable refused in room %s: cannot reach the signaling server: %r",
-                short_token(body.roomToken),
-                exc,
-                extra={"cause": cause.kind},
-            )
-            return _error(503, f"cannot reach the signaling server ({cause.words})")
-        except (CapacityReached, JoinCancelled) as exc:
-            return _error(503, str(exc))
-        except ProviderFailure as exc:
-            return _error(550, f"speech-to-text provider failure: {exc}")
-        return {"message": message}
+        command = Transcribe(
+            body.roomToken,
+            body.ncSessionId,
+            body.enable,
+            body.langId,
+            translate_to=body.translationTargetLangId if body.enable else None,
+        )
+        return _answer(await runtime.submit(command))
 
     @app.post("/api/v1/call/set-language", response_model=None)
-    async def set_language(body: SetLanguageBody) -> JSONResponse | dict[str, str]:
-        try:
-            await manager.set_language(body.roomToken, body.langId)
-        except UnsupportedLanguage as exc:
-            return _error(400, str(exc))
-        except NoSuchRoom as exc:
-            return _error(404, str(exc))
-        return {"message": f"language set to {body.langId}"}
+    async def set_language(body: SetLanguageBody) -> JSONResponse:
+        return _answer(await runtime.submit(SetLanguage(body.roomToken, body.langId)))
 
     @app.get("/api/v1/translation/languages", response_model=None)
     async def translation_languages(
@@ -255,26 +253,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         return languages.as_talk()
 
     @app.post("/api/v1/translation/set-target-language", response_model=None)
-    async def set_target_language(body: SetTargetLanguageBody) -> JSONResponse | dict[str, str]:
-        try:
-            await manager.set_target_language(body.roomToken, body.ncSessionId, body.langId)
-        except NoSuchRoom as exc:
-            return _error(404, str(exc))
-        except TranslationUnavailable as exc:
-            return _error(550, f"translation provider unavailable: {exc}")
-        except UnsupportedLanguage as exc:
-            return _error(400, str(exc))
-        except NotCaptioned as exc:
-            return _error(412, str(exc))
-        if body.langId is None:
-            return {"message": "translation disabled for this session"}
-        return {"message": f"translating into {body.langId} for this session"}
+    async def set_target_language(body: SetTargetLanguageBody) -> JSONResponse:
+        command = SetTargetLanguage(body.roomToken, body.ncSessionId, body.langId)
+        return _answer(await runtime.submit(command))
 
     @app.post("/api/v1/call/leave", response_model=None)
-    async def leave(body: LeaveBody) -> JSONResponse | dict[str, str]:
-        if not await manager.leave(body.roomToken):
-            return _error(404, "no active transcription in this room")
-        return {"message": "leaving the call"}
+    async def leave(body: LeaveBody) -> JSONResponse:
+        return _answer(await runtime.submit(Leave(body.roomToken)))
 
     # --- operations ---------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -295,6 +280,14 @@ def create_app(runtime: Runtime) -> FastAPI:
             "rss_bytes": inputs.rss_bytes,
             "uptime_seconds": round(time.time() - runtime.started_at, 1),
         }
+        if inputs.cluster is not None:
+            body["cluster"] = {
+                "replica": inputs.cluster.replica,
+                "nats": "connected" if inputs.cluster.connected else "disconnected",
+                "rooms_owned": inputs.cluster.rooms_owned,
+                "rooms_without_lease": inputs.cluster.rooms_unleased,
+                "replicas": inputs.cluster.replicas,
+            }
         return JSONResponse(body, status_code=503 if health.status == "failing" else 200)
 
     @app.get("/readyz")

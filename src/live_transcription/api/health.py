@@ -9,6 +9,18 @@ from live_transcription.rooms.manager import RoomSummary
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterState:
+    """This replica in the cluster of replicas sharing rooms through NATS."""
+
+    replica: str
+    connected: bool
+    rooms_owned: int
+    rooms_unleased: int = 0
+    """Rooms kept running here after their lease expired while NATS was away."""
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class HealthInputs:
     rooms: list[RoomSummary]
     missing_config: list[str]
@@ -25,6 +37,8 @@ class HealthInputs:
     joins: JoinReport | None = None
     """Recent room joins: failures (with their cause) and joins stuck pending."""
     rooms_cap: int = 0
+    cluster: ClusterState | None = None
+    """None in a single process (no LT_NATS_URL)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +86,13 @@ def assess(inputs: HealthInputs) -> Health:
         degraded.append(f"speaker cap of {inputs.speakers_cap} reached")
     elif waiting:
         degraded.append(f"{waiting} speaker(s) waiting for captioning")
+    cluster = inputs.cluster
+    if cluster is not None and not cluster.connected:
+        degraded.append(
+            "NATS unreachable: rooms running here keep going; no room is placed, forwarded or taken over"
+        )
+    elif cluster is not None and cluster.rooms_unleased:
+        degraded.append(f"{cluster.rooms_unleased} room(s) running here without a lease, being re-claimed")
     if not inputs.engine_ready:
         degraded.append(f"STT engine {inputs.engine_name} is starting")
     if not inputs.enabled:

@@ -22,6 +22,7 @@ from live_transcription import loop as event_loop
 from live_transcription import metrics
 from live_transcription.api.app import OPEN_PATHS, create_app
 from live_transcription.api.http_front import FrontLimits, HttpFront
+from live_transcription.cluster.node import ClusterUnavailable
 from live_transcription.config import ConfigError, Settings, load_settings
 from live_transcription.logs import setup_logging
 from live_transcription.service import running_service
@@ -95,6 +96,8 @@ async def run_server(
                 deadline.reschedule(loop.time() + SHUTDOWN_SECONDS)
                 log.info("shutting down: %d HTTP connection(s) open", len(front.connections))
                 runtime.manager.stop_accepting()
+                if runtime.cluster is not None:
+                    runtime.cluster.stop_accepting()
                 server.should_exit = True
                 again = asyncio.create_task(server.signalled_again.wait())
                 await asyncio.wait({serving, again}, timeout=settings.http_shutdown_grace)
@@ -151,10 +154,14 @@ def serve() -> int:
         log.warning("not configured for calls yet: %s", ", ".join(missing))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore_signal)
-    event_loop.run(
-        run_server(settings),
-        settings.event_loop,
-        settings.udp_tick_ms,
-        metrics.udp_sends_dropped.inc,
-    )
+    try:
+        event_loop.run(
+            run_server(settings),
+            settings.event_loop,
+            settings.udp_tick_ms,
+            metrics.udp_sends_dropped.inc,
+        )
+    except ClusterUnavailable as exc:
+        log.error("cannot start: %s (LT_NATS_URL)", exc)
+        return 1
     return 0

@@ -9,7 +9,7 @@ it does not know with a clear error instead of guessing.
 Messages:
 
 - a Talk command forwarded to the replica that owns the room
-  (``transcribe`` / ``set-language`` / ``leave``) with its hop count;
+  (``transcribe`` / ``set-language`` / ``set-target-language`` / ``leave``) with its hop count;
 - the owner's answer: the HTTP status and JSON body Talk gets;
 - the value of a room's lease: owner replica and the room's record
   (targets = Talk session ids, language), so another replica can take the
@@ -70,6 +70,17 @@ class Transcribe:
     session: str
     enable: bool = True
     language: str | None = None
+    translate_to: str | None = None
+    """The viewer reads captions translated into this language."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetTargetLanguage:
+    """One viewer reads captions translated into ``language`` (None: the originals)."""
+
+    room: str
+    session: str
+    language: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +94,7 @@ class Leave:
     room: str
 
 
-Command = Transcribe | SetLanguage | Leave
+Command = Transcribe | SetLanguage | SetTargetLanguage | Leave
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +165,14 @@ def encode_command(forwarded: Forwarded) -> bytes:
                 "room": command.room,
                 "session": command.session,
                 "enable": command.enable,
+                "language": command.language,
+                "translate_to": command.translate_to,
+            }
+        case SetTargetLanguage():
+            body = {
+                "op": "set-target-language",
+                "room": command.room,
+                "session": command.session,
                 "language": command.language,
             }
         case SetLanguage():
@@ -273,6 +292,13 @@ def _command(obj: Mapping[str, Any]) -> Command:
                 session=_text(obj, "session", MAX_SESSION_CHARS),
                 enable=_flag(obj, "enable"),
                 language=_optional_text(obj, "language", MAX_LANGUAGE_CHARS),
+                translate_to=_optional_text(obj, "translate_to", MAX_LANGUAGE_CHARS),
+            )
+        case "set-target-language":
+            return SetTargetLanguage(
+                room=room,
+                session=_text(obj, "session", MAX_SESSION_CHARS),
+                language=_optional_text(obj, "language", MAX_LANGUAGE_CHARS),
             )
         case "set-language":
             return SetLanguage(room=room, language=_text(obj, "language", MAX_LANGUAGE_CHARS))
@@ -281,11 +307,14 @@ def _command(obj: Mapping[str, Any]) -> Command:
     raise _Invalid(CodecError(ErrorKind.UNKNOWN_OP, f"unknown command {str(op)[:40]!r}"))
 
 
+OPS = ("transcribe", "set-language", "set-target-language", "leave")
+
+
 def parse_command(data: bytes) -> Forwarded | CodecError:
     try:
         obj = _load(data)
         # the op is checked before the other fields: an unknown command is the clearer error
-        if obj.get("op") not in ("transcribe", "set-language", "leave"):
+        if obj.get("op") not in OPS:
             raise _Invalid(CodecError(ErrorKind.UNKNOWN_OP, f"unknown command {str(obj.get('op'))[:40]!r}"))
         return Forwarded(_command(obj), hops=_count(obj, "hops", 0, MAX_HOPS))
     except _Invalid as invalid:

@@ -53,6 +53,8 @@ class LeaseKeeper:
         self._wake = asyncio.Event()
         self.done = asyncio.Event()
         self.lost_reason: str | None = None
+        self.taken = False
+        """The lease was lost to another writer (not merely unrenewed)."""
         self.released = False
         self.renewals = 0
         self.failures = 0
@@ -60,6 +62,11 @@ class LeaseKeeper:
     @property
     def room(self) -> str:
         return self._lease.room
+
+    @property
+    def stopping(self) -> bool:
+        """``stop`` was called: the lease is being released or left to expire."""
+        return self._stopping
 
     @property
     def record(self) -> RoomRecord:
@@ -105,6 +112,7 @@ class LeaseKeeper:
             try:
                 self._lease = await self._store.renew(self._lease, value)
             except LeaseLost as exc:
+                self.taken = True
                 self._lose(str(exc))
                 return
             except NATS_FAILURES as exc:

@@ -129,12 +129,17 @@ class ClusterNode:
         # the orphan and, after their grace, take it: leave them all of that
         self._retry_resume_after = options.lease_ttl + 2 * (options.takeover_grace + options.scan_every)
         self._loads: dict[str, ReplicaLoad] = {}
+        self._unleased: dict[str, RoomRecord] = {}
+        """Rooms still running here whose lease expired while NATS was
+        unreachable: re-claimed once it is back, or stopped if another
+        replica took them meanwhile."""
         self._accepting = False
         self._closing = False
         self.scans = 0
         self.forwarded = 0
         self.takeovers = 0
         self.leases_lost = 0
+        self.disconnects = 0
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -144,7 +149,7 @@ class ClusterNode:
             # the first connect: bound the start, keep retrying once connected
             async with asyncio.timeout(opts.connect_deadline):
                 self._nc = await nats.connect(
-                    servers=[opts.url],
+                    servers=[url.strip() for url in opts.url.split(",") if url.strip()],
                     name=f"live-transcription {self.replica_id}",
                     connect_timeout=max(1, round(opts.nats_timeout)),
                     max_reconnect_attempts=-1,
@@ -245,6 +250,20 @@ class ClusterNode:
     def owned_rooms(self) -> frozenset[str]:
         return frozenset(self._keepers)
 
+    @property
+    def unleased_rooms(self) -> frozenset[str]:
+        """Rooms running here without a lease while NATS is (or was) unreachable."""
+        return frozenset(self._unleased)
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def replicas_seen(self) -> int:
+        """Live replicas in the last scan of the registry, this one included."""
+        return len(self._loads.keys() | {self.replica_id})
+
     def load(self) -> ReplicaLoad:
         host = self.host.load()
         return ReplicaLoad(
@@ -270,10 +289,26 @@ class ClusterNode:
         keeper = self._keepers.get(record.room)
         if keeper is not None:
             keeper.update_record(record)
+        elif record.room in self._unleased:
+            self._unleased[record.room] = record
 
     async def room_closed(self, room: str) -> None:
         """The room closed here: release its lease now, so it is free at once."""
+        self._unleased.pop(room, None)
         await self._stop_keeper(room, release=True)
+
+    def room_ended(self, room: str, *, release: bool = True) -> None:
+        """``room_closed`` without waiting for the release (from a callback).
+        ``release=False``: the lease is left to expire, and another replica
+        takes the room over (this replica is shutting down)."""
+        self._unleased.pop(room, None)
+        keeper = self._keepers.get(room)
+        if keeper is not None:
+            keeper.stop(release=release)
+
+    def stop_accepting(self) -> None:
+        """Shutdown begins: no new room is placed here (published with the load)."""
+        self._accepting = False
 
     # --- routing ------------------------------------------------------------------------------------------
     async def _serve(self, forwarded: Forwarded) -> Reply:
@@ -282,10 +317,18 @@ class ClusterNode:
         return await self._dispatch(forwarded.command, hops=forwarded.hops)
 
     async def _dispatch(self, command: Command, *, hops: int) -> Reply:
+        room = command.room
+        if not self.connected:
+            # a room this replica runs keeps taking Talk's commands while NATS is away
+            if self.host.has_room(room) and (room in self._keepers or room in self._unleased):
+                return await self.host.execute(command)
+            return Reply.error(503, "the cluster is unreachable (NATS); retry")
         try:
             return await self._route(command, hops)
         except NATS_FAILURES as exc:
             log.warning("routing %s for a room failed: %s", type(command).__name__, exc or type(exc).__name__)
+            if self.host.has_room(room) and room in self._keepers:
+                return await self.host.execute(command)
             return Reply.error(503, "the cluster is unreachable; retry")
 
     async def _route(self, command: Command, hops: int) -> Reply:
@@ -299,6 +342,10 @@ class ClusterNode:
             orphan = self._vanished(room) if state is None else None
             match route(command, owner, self_id=self.replica_id, hops=hops, max_hops=self.options.max_hops):
                 case ExecuteHere():
+                    keeper = self._keepers.get(room)
+                    if keeper is not None and keeper.stopping:
+                        await keeper.done.wait()  # the room closed here: its lease is being released
+                        continue
                     if owner == self.replica_id and room not in self._keepers:
                         acquiring = self._acquiring.get(room)
                         if acquiring is None:
@@ -442,16 +489,62 @@ class ClusterNode:
 
     def _lease_lost(self, room: str, reason: str) -> None:
         self.leases_lost += 1
+        keeper = self._keepers.get(room)
+        if keeper is not None and not keeper.taken and not self.connected and not self._closing:
+            # NATS is away for every replica as far as this one can tell: the
+            # room keeps captioning here, and is re-claimed (or stopped, if
+            # another replica took it meanwhile) once NATS is back
+            self._unleased[room] = keeper.record
+            log.warning(
+                "room %s keeps running without its lease while NATS is unreachable (%s)", room, reason
+            )
+            return
         try:
             self.host.lost(room, reason)
         except Exception:
             log.exception("stopping room %s after its lease was lost failed", room)
+
+    async def reclaim_once(self) -> None:
+        """Take the leases of the rooms that kept running while NATS was
+        unreachable; stop those another replica took meanwhile."""
+        store = self._started_store()
+        for room, record in list(self._unleased.items()):
+            if self._closing or not self.connected:
+                return
+            if not self.host.has_room(room):
+                self._unleased.pop(room, None)
+                continue
+            sent_at = self._clock.now()
+            try:
+                lease = await store.acquire(LeaseValue(self.replica_id, record))
+                if lease is None:  # still ours on the server (NATS was away for less than a TTL)?
+                    held = await store.read(room)
+                    lease = held if held is not None and held.value.owner == self.replica_id else None
+            except NATS_FAILURES as exc:
+                log.warning("re-claiming room %s failed: %s", room, exc or type(exc).__name__)
+                return
+            if self._unleased.pop(room, None) is None:
+                if lease is not None:  # the room closed meanwhile
+                    await store.release(lease)
+                continue
+            if lease is not None:
+                self._start_keeper(lease, sent_at)
+                self._keepers[room].update_record(record)
+                log.info("room %s re-claimed after NATS came back", room)
+                continue
+            log.warning("room %s was taken over while NATS was unreachable: stopping it here", room)
+            try:
+                self.host.lost(room, "taken over while NATS was unreachable")
+            except Exception:
+                log.exception("stopping room %s failed", room)
 
     # --- take-over ----------------------------------------------------------------------------------------
     async def _watch(self) -> None:
         """Scan the leases and the registry; take over orphans placed here."""
         while not self._closing:
             await self._clock.sleep(self.options.scan_every)
+            if self._unleased:
+                await self.reclaim_once()
             await self.scan_once()
 
     async def scan_once(self) -> None:
@@ -520,10 +613,17 @@ class ClusterNode:
         log.warning("NATS: %s", exc or type(exc).__name__)
 
     async def _nats_disconnected(self) -> None:
-        log.warning("NATS connection lost")
+        if self._closing:
+            return
+        self.disconnects += 1
+        log.warning(
+            "NATS connection lost: the %d room(s) owned here keep running; no room is placed,"
+            " forwarded or taken over until it is back",
+            len(self._keepers),
+        )
 
     async def _nats_reconnected(self) -> None:
-        log.info("NATS connection restored")
+        log.info("NATS connection restored (%d room(s) owned here)", len(self._keepers))
 
 
 def _language_of(command: Command) -> str | None:

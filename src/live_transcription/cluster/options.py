@@ -80,3 +80,38 @@ class ClusterOptions:
             raise ValueError(f"max_hops must be from 1 to {MAX_HOPS}")
         if self.max_inflight < 1 or self.capacity < 0:
             raise ValueError("max_inflight must be >= 1, capacity >= 0")
+
+    @classmethod
+    def scaled(
+        cls,
+        *,
+        url: str,
+        lease_ttl: float = 15.0,
+        replica_id: str | None = None,
+        cluster_name: str | None = None,
+        connect_deadline: float = 30.0,
+    ) -> ClusterOptions:
+        """Options for a lease TTL, with every period in the same proportion
+        to it as the defaults are to 15 s (renew a third of it, scan a fifth)."""
+        scale = lease_ttl / 15.0
+        renew_every = 5.0 * scale
+        extra: dict[str, str] = {}
+        if replica_id:
+            extra["replica_id"] = replica_id
+        if cluster_name:  # replicas of one cluster share the name; another cluster uses its own
+            extra["lease_bucket"] = f"{cluster_name}_rooms"
+            extra["registry_bucket"] = f"{cluster_name}_replicas"
+            extra["subject_prefix"] = cluster_name
+        return cls(
+            url=url,
+            lease_ttl=lease_ttl,
+            renew_every=renew_every,
+            renew_retry=min(1.0, renew_every),
+            lease_margin=2.0 * scale,
+            scan_every=3.0 * scale,
+            takeover_grace=6.0 * scale,
+            registry_ttl=lease_ttl,
+            publish_every=5.0 * scale,
+            connect_deadline=connect_deadline,
+            **extra,  # type: ignore[arg-type]
+        )

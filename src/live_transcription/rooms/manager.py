@@ -13,10 +13,11 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from live_transcription import metrics
 from live_transcription.clock import Clock, MonotonicClock
+from live_transcription.logs import short_token
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.joins import JoinHistory
@@ -60,6 +61,15 @@ class NotCaptioned(LookupError):
     """The participant has not enabled captions in that room (Talk gets 412)."""
 
 
+class RoomObserver(Protocol):
+    """Told of each room's record (targets, language) and of its end: a
+    cluster keeps them with the room's lease."""
+
+    def room_changed(self, token: str, language: str, targets: frozenset[str]) -> None: ...
+
+    def room_ended(self, token: str, reason: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RoomSummary:
     token: str
@@ -93,6 +103,7 @@ class Manager:
         clock: Clock | None = None,
         provider_failure: Callable[[], str | None] = lambda: None,
         translation: TranslationSetup | None = None,
+        observer: RoomObserver | None = None,
     ) -> None:
         self._link_factory = link_factory
         self._speaker_factory = speaker_factory
@@ -107,6 +118,7 @@ class Manager:
         self.joins = JoinHistory(self._clock)
         self._provider_failure = provider_failure
         self.translation = translation
+        self.observer = observer
         self._rooms: dict[str, Room] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._accepting = False
@@ -254,6 +266,40 @@ class Manager:
             sum(room.translation_readers for room in self._rooms.values()),
         )
 
+    async def resume(self, token: str, language: str | None, targets: frozenset[str]) -> bool:
+        """Re-open a room another replica ran, with its targets and language,
+        without a request from Talk; True once the call is joined."""
+        chosen = language if language in self.languages else self.default_language
+        room = await self._current(token)
+        try:
+            if room is None:
+                room = self._open(token, chosen)
+            elif room.language != chosen:
+                await room.send(SetLanguage(chosen))
+        except CapacityReached as exc:
+            log.warning("room %s cannot be re-opened here: %s", short_token(token), exc)
+            return False
+        for talk_session in sorted(targets)[: self._max_targets_per_room]:
+            await room.send(AddTarget(talk_session))
+        try:
+            async with asyncio.timeout(self._join_timeout):
+                await room.wait_joined()
+        except TimeoutError:
+            self.joins.failed(room, ports.HpbUnavailable("timed out joining the call through the HPB"))
+            await self._give_up(room, "join-timeout")
+            return False
+        except ports.HpbUnavailable:
+            return False
+        return True
+
+    def stop_room(self, token: str, reason: str) -> None:
+        """Leave the call now without waiting (another replica may own the room)."""
+        room = self._rooms.get(token)
+        if room is not None:
+            if room.joining:
+                self.joins.abandoned(room)
+            room.stop(reason)
+
     async def leave(self, token: str, reason: str = "leave") -> bool:
         """Leave the call; a join still pending is cancelled at once."""
         room = self._rooms.get(token)
@@ -296,6 +342,10 @@ class Manager:
         return self._rooms.get(token)
 
     @property
+    def room_count(self) -> int:
+        return len(self._rooms)
+
+    @property
     def accepting(self) -> bool:
         return self._accepting
 
@@ -323,6 +373,7 @@ class Manager:
             linger_seconds=self._linger_seconds,
             on_link_state=self.joins.link_state,
             translation=self.translation,
+            on_record=None if self.observer is None else self._record_changed,
         )
         self._rooms[token] = room
         self.rooms_opened += 1
@@ -342,8 +393,14 @@ class Manager:
     def _room_ended(self, room: Room) -> None:
         if self._rooms.get(room.token) is room:
             del self._rooms[room.token]
+            if self.observer is not None:
+                self.observer.room_ended(room.token, room.closed_reason or "unknown")
         self.rooms_closed += 1
         metrics.rooms_closed.labels(room.closed_reason or "unknown").inc()
+
+    def _record_changed(self, room: Room) -> None:
+        if self.observer is not None and self._rooms.get(room.token) is room:
+            self.observer.room_changed(room.token, room.language, room.targets)
 
     def _join_settled(self, room: Room, error: BaseException | None) -> None:
         if error is not None:

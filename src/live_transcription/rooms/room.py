@@ -141,6 +141,7 @@ class Room:
         linger_seconds: float,
         on_link_state: Callable[[Room, str], None] = lambda room, state: None,
         translation: TranslationSetup | None = None,
+        on_record: Callable[[Room], None] | None = None,
     ) -> None:
         self.token = token
         self.language = language
@@ -150,6 +151,9 @@ class Room:
         self._clock = clock
         self._linger_seconds = linger_seconds
         self._on_link_state = on_link_state
+        self._on_record = on_record
+        """Told when the targets or the language change (a cluster keeps them
+        with the room's lease); None in a single process."""
 
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -180,6 +184,11 @@ class Room:
     @property
     def target_count(self) -> int:
         return len(self._targets)
+
+    @property
+    def targets(self) -> frozenset[str]:
+        """Talk session ids of the targets (resolved or pending)."""
+        return self._targets.talk_sessions()
 
     @property
     def pending_targets(self) -> set[str]:
@@ -383,10 +392,14 @@ class Room:
         match item:
             case AddTarget(talk_session):
                 self._adds_in_flight -= 1
+                added = talk_session not in self._targets
                 self._targets.add(talk_session)
                 self._restart_linger(tasks)
+                if added:
+                    self._record_changed()
             case RemoveTarget(talk_session):
-                self._targets.remove(talk_session)
+                if self._targets.remove(talk_session):
+                    self._record_changed()
                 self._reading.pop(talk_session, None)
                 self._restart_linger(tasks)
                 self._delivery_settled()
@@ -405,6 +418,7 @@ class Room:
                     self.language = language
                     for speaker in self._speakers.values():
                         speaker.set_language(language)
+                    self._record_changed()
             case Leave(reason):
                 return reason
             case _LingerExpired(generation):
@@ -425,6 +439,7 @@ class Room:
                     for talk_session in gone:
                         self._reading.pop(talk_session, None)
                     self._restart_linger(tasks)
+                    self._record_changed()
                 self._delivery_settled()
             case ports.SpeakerJoined(session_id):
                 self._wanted.add(session_id)
@@ -478,6 +493,10 @@ class Room:
                 self._pending_with_captions_since = None  # counted from connected
                 self._on_link_state(self, state)
         return None
+
+    def _record_changed(self) -> None:
+        if self._on_record is not None:
+            self._on_record(self)
 
     # --- speakers ---------------------------------------------------------------------------------
     def _request_offer(self, session_id: str) -> None:

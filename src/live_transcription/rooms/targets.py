@@ -58,6 +58,10 @@ class TargetBook:
         """Talk session id -> HPB session id, for the targets whose mapping is known."""
         return {talk: self._hpb_by_talk[talk] for talk in sorted(self._targets) if talk in self._hpb_by_talk}
 
+    def talk_sessions(self) -> frozenset[str]:
+        """Every target, by Talk session id (resolved or pending)."""
+        return frozenset(self._targets)
+
     @property
     def pending(self) -> set[str]:
         return {talk for talk in self._targets if talk not in self._hpb_by_talk}
