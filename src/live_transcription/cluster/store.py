@@ -99,23 +99,36 @@ async def scan_bucket(
 ) -> dict[str, T | None]:
     """The newest entry of every key: its parsed value, or None for a delete
     marker. Keys whose value does not parse are left out with a warning.
-    ``entry_wait``: the longest wait for the next entry."""
+    ``entry_wait``: the longest wait for the next entry.
+
+    The scan ends with the entry the server sent with nothing pending after
+    it. nats-py's own "caught up" marker is not trusted when it comes first:
+    it is also sent when the server had already sent every entry but none had
+    reached the client yet (its consumer info said 0 pending before the
+    entries arrived), and a scan ending there would miss every key. Then the
+    bucket's message count decides whether it is really empty."""
     watcher = await kv.watchall(inactive_threshold=SCAN_CONSUMER_IDLE)
     found: dict[str, T | None] = {}
+    received = 0
     try:
         while True:
             # nats-py leaves the watcher's methods unannotated
             entry: KeyValue.Entry | None = await watcher.updates(timeout=entry_wait)  # type: ignore[no-untyped-call]
-            if entry is None:  # the watcher's "caught up" marker
-                return found
+            if entry is None:
+                if received or (await kv.status()).values == 0:
+                    return found
+                continue  # entries are on their way: read until the last one
+            received += 1
             if entry.operation in (KV_DEL, KV_PURGE):
                 found[entry.key] = None
-                continue
-            parsed = parse(entry.value or b"")
-            if isinstance(parsed, codec.CodecError):
-                log.warning("bucket %s: key %s holds a bad value (%s)", entry.bucket, entry.key, parsed)
-                continue
-            found[entry.key] = parsed
+            else:
+                parsed = parse(entry.value or b"")
+                if isinstance(parsed, codec.CodecError):
+                    log.warning("bucket %s: key %s holds a bad value (%s)", entry.bucket, entry.key, parsed)
+                else:
+                    found[entry.key] = parsed
+            if entry.delta == 0:  # nothing pending after it on the server: caught up
+                return found
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
 
