@@ -101,10 +101,21 @@ class NatsServerProcess:
     ) -> None:
         await self._stop()
 
-    async def _start(self, binary: Path, root: Path) -> None:
+    async def outage(self) -> None:
+        """Stop the server as an outage would, keeping its port and its
+        JetStream store for ``recover``."""
+        await self._stop_process()
+
+    async def recover(self) -> None:
+        """Start the server again after ``outage``, on the same port and store."""
+        if self.root is None or self.running:
+            raise RuntimeError("nats-server is not in an outage")
+        await self._start(find_nats_server(), self.root, port=self.port)
+
+    async def _start(self, binary: Path, root: Path, *, port: int | None = None) -> None:
         # A free port can be taken between probing and nats-server binding it: retry.
         for _attempt in range(START_ATTEMPTS):
-            port = free_tcp_port()
+            port = port or free_tcp_port()
             self._proc = await asyncio.create_subprocess_exec(
                 str(binary),
                 "--jetstream",

@@ -1,0 +1,389 @@
+"""Replicas of the whole service sharing calls through a real nats-server.
+
+Each replica is ``running_service`` with ``LT_NATS_URL`` (short leases through
+``ClusterOptions``) and its own Talk API (the ExApp's routes over ASGI); all
+of them join calls on one HPB emulator, whose participants publish looping
+tones through a direct WebRTC bridge and whose viewers are real signaling
+clients. Talk's requests go to whichever replica; captions are read where
+the viewer reads them. Every wait is on an event or a condition with a
+generous deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import itertools
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from live_transcription.api.app import Runtime, create_app
+from live_transcription.cluster import ClusterNode, ClusterOptions
+from live_transcription.config import load_settings
+from live_transcription.hpb.protocol import Relayed
+from live_transcription.rooms.manager import Manager
+from live_transcription.rooms.room import Room
+from live_transcription.service import running_service
+from live_transcription.sim.client import SimClient
+from live_transcription.sim.direct_bridge import DirectBridge
+from live_transcription.sim.emulator import HpbEmulator
+from live_transcription.sim.nats_process import NatsServerProcess
+from tests.integration.test_faults_support import BACKEND, no_ice_servers, talking_wav
+from tests.nats_support import nats_server_fixture, skip_unless_nats_server  # noqa: F401
+
+pytestmark = pytest.mark.nats
+
+DEADLINE = 60.0
+APP_SECRET = "cluster-app-secret"
+_ids = itertools.count(1)
+
+
+def auth() -> dict[str, str]:
+    token = base64.b64encode(f"admin:{APP_SECRET}".encode()).decode()
+    return {
+        "EX-APP-ID": "live_transcription",
+        "EX-APP-VERSION": "0.1.0",
+        "AA-VERSION": "3.0.0",
+        "AUTHORIZATION-APP-API": token,
+    }
+
+
+def fast_options(url: str, name: str) -> ClusterOptions:
+    """3 s leases (renewed every second, scanned every 0.6 s) so a take-over
+    happens within a test; the registry keeps a replica's load long enough
+    that a loaded machine does not make a live replica look gone."""
+    options = ClusterOptions.scaled(url=url, lease_ttl=3.0, replica_id=f"{name}-{next(_ids)}")
+    return dataclasses.replace(options, registry_ttl=30.0)
+
+
+@dataclasses.dataclass
+class Replica:
+    name: str
+    runtime: Runtime
+    client: httpx.AsyncClient
+    stack: contextlib.AsyncExitStack
+
+    @property
+    def node(self) -> ClusterNode:
+        assert self.runtime.cluster is not None
+        return self.runtime.cluster
+
+    @property
+    def manager(self) -> Manager:
+        return self.runtime.manager
+
+    def has_room(self, room: str) -> bool:
+        return self.manager.room(room) is not None
+
+    async def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return await self.client.post(path, json=body, headers=auth())
+
+    async def transcribe(self, room: str, session: str, language: str | None = None) -> httpx.Response:
+        body: dict[str, Any] = {"roomToken": room, "ncSessionId": session, "enable": True}
+        if language is not None:
+            body["langId"] = language
+        return await self.post("/api/v1/call/transcribe", body)
+
+    async def healthz(self) -> dict[str, Any]:
+        reply = await self.client.get("/healthz")
+        body: dict[str, Any] = reply.json()
+        return body
+
+    async def stop(self) -> None:
+        """Shut the replica down as SIGTERM does: its calls are left, its leases left to expire."""
+        await self.stack.aclose()
+
+
+@dataclasses.dataclass
+class Cluster:
+    hpb: HpbEmulator
+    bridge: DirectBridge
+    nats: NatsServerProcess
+    tmp: Path
+    stack: contextlib.AsyncExitStack
+    replicas: list[Replica] = dataclasses.field(default_factory=list)
+
+    async def start_replica(self, name: str) -> Replica:
+        settings = load_settings(
+            LT_HPB_URL=self.hpb.url,
+            LT_INTERNAL_SECRET=SECRET,
+            NEXTCLOUD_URL=BACKEND,
+            LT_STT_ENGINE="instant",
+            APP_SECRET=APP_SECRET,
+            LT_NATS_URL=self.nats.url,
+            LT_ROOM_LINGER_SECONDS=3600,
+        )
+        stack = contextlib.AsyncExitStack()
+        await self.stack.enter_async_context(stack)  # stopped at the end if the test did not
+        runtime = await stack.enter_async_context(
+            running_service(
+                settings, ice_servers=no_ice_servers, cluster_options=fast_options(self.nats.url, name)
+            )
+        )
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(runtime)),
+                base_url="http://exapp",
+                timeout=DEADLINE,
+            )
+        )
+        replica = Replica(name, runtime, client, stack)
+        self.replicas.append(replica)
+        return replica
+
+    async def add_call(self, room: str, speaker: str, freq: float) -> None:
+        """A call whose one speaker talks in a loop (one utterance, one final, every 2 s)."""
+        self.bridge.add_publisher(speaker, talking_wav(self.tmp / f"{speaker}.wav", freq), loop=True)
+        await self.hpb.add_participant(
+            room, session_id=speaker, nextcloud_session_id=f"talk-{speaker}", in_call=7, user_id=speaker
+        )
+
+    def owners(self, room: str, among: list[Replica] | None = None) -> list[Replica]:
+        return [r for r in (among if among is not None else self.replicas) if r.has_room(room)]
+
+    def our_sessions(self, room: str) -> list[str]:
+        return self.hpb.sessions_in_room(room, internal=True)
+
+
+SECRET = "cluster-internal-secret-" + secrets.token_hex(4)
+
+
+@contextlib.asynccontextmanager
+async def cluster_on(nats: NatsServerProcess, tmp: Path) -> AsyncIterator[Cluster]:
+    bridge = DirectBridge()
+    try:
+        async with HpbEmulator(SECRET, BACKEND, bridge=bridge) as hpb, contextlib.AsyncExitStack() as stack:
+            yield Cluster(hpb, bridge, nats, tmp, stack)
+    finally:
+        await bridge.aclose()
+
+
+def captions(viewer: SimClient) -> list[tuple[str | None, dict[str, Any]]]:
+    """(sender HPB session, transcript) of every caption the viewer received."""
+    return [
+        (event.sender, dict(event.data))
+        for event in viewer.events
+        if isinstance(event, Relayed) and event.data.get("type") == "transcript"
+    ]
+
+
+def finals_since(viewer: SimClient, mark: int, speaker: str) -> list[tuple[str | None, dict[str, Any]]]:
+    return [
+        (sender, data)
+        for sender, data in captions(viewer)[mark:]
+        if data["final"] and data["speakerSessionId"] == speaker
+    ]
+
+
+async def until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    """Replicas, NATS and the HPB change state in other tasks: look again shortly."""
+    try:
+        async with asyncio.timeout(deadline):
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not reached within {deadline:.0f} s: {what}") from None
+
+
+async def resumed_captions(
+    viewer: SimClient, mark: int, speaker: str, *, language: str | None = None
+) -> None:
+    """Wait until a final caption of ``speaker`` (in ``language``) reaches ``viewer`` after ``mark``."""
+
+    def arrived() -> bool:
+        return any(
+            language is None or data["langId"] == language for _, data in finals_since(viewer, mark, speaker)
+        )
+
+    await viewer.wait_for(arrived, deadline=DEADLINE)
+
+
+async def until_targets(room: Room, targets: set[str]) -> None:
+    """The room's loop applies targets after the request returns."""
+    await until(lambda: room.targets == targets, f"the targets of {room.token} are {sorted(targets)}")
+
+
+# --- forwarding -------------------------------------------------------------------------------------------
+
+
+async def test_two_replicas_forward_talk_requests_to_the_rooms_owner(
+    nats_server: NatsServerProcess, tmp_path: Path
+) -> None:
+    async with cluster_on(nats_server, tmp_path) as cluster:
+        first = await cluster.start_replica("a")
+        second = await cluster.start_replica("b")
+        await cluster.add_call("meeting", "alice", 220)
+        async with (
+            SimClient(cluster.hpb.url, "meeting", "talk-viewer-1") as viewer_one,
+            SimClient(cluster.hpb.url, "meeting", "talk-viewer-2") as viewer_two,
+        ):
+            reply = await first.transcribe("meeting", "talk-viewer-1", "en")
+            assert reply.status_code == 200, reply.text
+            [owner] = cluster.owners("meeting")
+            other = second if owner is first else first
+            forwards_before = other.node.forwarded
+
+            # Talk's next requests reach the replica that does not run the call
+            reply = await other.transcribe("meeting", "talk-viewer-2")
+            assert reply.status_code == 200, reply.text
+            reply = await other.post("/api/v1/call/set-language", {"roomToken": "meeting", "langId": "fr"})
+            assert reply.status_code == 200, reply.text
+            assert other.node.forwarded >= forwards_before + 2
+            assert cluster.owners("meeting") == [owner]
+            room = owner.manager.room("meeting")
+            assert room is not None
+            await until_targets(room, {"talk-viewer-1", "talk-viewer-2"})
+            await until(lambda: room.language == "fr", "the language changed on the owner")
+            assert len(cluster.our_sessions("meeting")) == 1  # one replica joined the call
+
+            # the viewer added through the other replica gets captions, in the new language
+            await resumed_captions(viewer_two, 0, "alice", language="fr")
+            await resumed_captions(viewer_one, 0, "alice", language="fr")
+
+            # an error answer comes back from the owner as it is
+            reply = await other.post(
+                "/api/v1/translation/set-target-language",
+                {"roomToken": "meeting", "ncSessionId": "talk-nobody", "langId": "de"},
+            )
+            assert reply.status_code == 550, reply.text  # no translation provider on the owner
+
+            health_owner, health_other = await owner.healthz(), await other.healthz()
+            assert health_owner["cluster"]["rooms_owned"] == 1
+            assert health_other["cluster"]["rooms_owned"] == 0
+            assert health_owner["cluster"]["nats"] == health_other["cluster"]["nats"] == "connected"
+
+            # leave through the other replica: the call is left, the room is free at once
+            reply = await other.post("/api/v1/call/leave", {"roomToken": "meeting"})
+            assert reply.status_code == 200, reply.text
+            await until(lambda: cluster.owners("meeting") == [], "the owner left the call")
+            await until(lambda: owner.node.owned_rooms == frozenset(), "the lease was released")
+            reply = await other.post("/api/v1/call/leave", {"roomToken": "meeting"})
+            assert reply.status_code == 404
+
+
+async def test_the_same_room_requested_at_two_replicas_at_once_has_one_owner(
+    nats_server: NatsServerProcess, tmp_path: Path
+) -> None:
+    async with cluster_on(nats_server, tmp_path) as cluster:
+        group = [await cluster.start_replica(name) for name in "abc"]
+        rooms = [f"race{index}" for index in range(3)]
+        for index, room in enumerate(rooms):
+            await cluster.add_call(room, f"speaker{index}", 200 + 40 * index)
+        replies = await asyncio.gather(
+            *(
+                replica.transcribe(room, f"talk-{room}-{replica.name}", "en")
+                for room in rooms
+                for replica in group
+            )
+        )
+        assert [r.text for r in replies if r.status_code != 200] == []
+        for room in rooms:
+            [owner] = cluster.owners(room)
+            found = owner.manager.room(room)
+            assert found is not None
+            await until_targets(found, {f"talk-{room}-{name}" for name in "abc"})
+            assert [r.name for r in group if room in r.node.owned_rooms] == [owner.name]
+            assert len(cluster.our_sessions(room)) == 1
+
+
+# --- take-over --------------------------------------------------------------------------------------------
+
+
+async def test_a_stopped_replicas_calls_are_taken_over_and_captions_resume(
+    nats_server: NatsServerProcess, tmp_path: Path
+) -> None:
+    async with cluster_on(nats_server, tmp_path) as cluster:
+        group = [await cluster.start_replica(name) for name in "abc"]
+        rooms = {f"room{index}": f"speaker{index}" for index in range(4)}
+        for index, (room, speaker) in enumerate(rooms.items()):
+            await cluster.add_call(room, speaker, 200 + 40 * index)
+        async with contextlib.AsyncExitStack() as viewers_stack:
+            viewers: dict[str, SimClient] = {}
+            for room in rooms:
+                viewers[room] = await viewers_stack.enter_async_context(
+                    SimClient(cluster.hpb.url, room, f"talk-{room}-viewer")
+                )
+            for index, room in enumerate(rooms):
+                entry = group[index % len(group)]
+                reply = await entry.transcribe(room, f"talk-{room}-viewer", "fr")
+                assert reply.status_code == 200, reply.text
+            for room, speaker in rooms.items():
+                await resumed_captions(viewers[room], 0, speaker, language="fr")
+
+            victim = max(group, key=lambda r: len(r.node.owned_rooms))
+            victim_rooms = sorted(victim.node.owned_rooms)
+            assert victim_rooms
+            survivors = [r for r in group if r is not victim]
+            takeovers_before = sum(r.node.takeovers for r in survivors)
+            marks = {room: len(captions(viewers[room])) for room in victim_rooms}
+            old_sessions = {room: cluster.our_sessions(room) for room in victim_rooms}
+
+            await victim.stop()
+            for room in victim_rooms:
+                assert cluster.our_sessions(room) == []  # the stopped replica left the call
+
+            def taken_over() -> bool:
+                return all(len(cluster.owners(room, survivors)) == 1 for room in victim_rooms)
+
+            await until(taken_over, "every call of the stopped replica runs on one survivor")
+            assert sum(r.node.takeovers for r in survivors) - takeovers_before == len(victim_rooms)
+            for room in victim_rooms:
+                [owner] = cluster.owners(room, survivors)
+                found = owner.manager.room(room)
+                assert found is not None
+                # Talk did nothing: the viewer and the language came from the lease
+                assert found.language == "fr"
+                viewer, speaker = viewers[room], rooms[room]
+                await resumed_captions(viewer, marks[room], speaker)
+                assert found.targets == {f"talk-{room}-viewer"}
+                [new_session] = cluster.our_sessions(room)
+                assert new_session not in old_sessions[room]
+                resumed = finals_since(viewer, marks[room], speaker)
+                assert {sender for sender, _ in resumed} == {new_session}
+                assert {data["langId"] for _, data in resumed} == {"fr"}
+            # the calls of the other replicas never moved
+            for room in set(rooms) - set(victim_rooms):
+                assert len(cluster.owners(room, survivors)) == 1
+
+
+# --- NATS unreachable -------------------------------------------------------------------------------------
+
+
+async def test_calls_keep_captioning_while_nats_is_down_and_are_reclaimed_after(tmp_path: Path) -> None:
+    skip_unless_nats_server()
+    async with NatsServerProcess() as nats, cluster_on(nats, tmp_path) as cluster:
+        replica = await cluster.start_replica("a")
+        await cluster.add_call("meeting", "alice", 260)
+        async with SimClient(cluster.hpb.url, "meeting", "talk-viewer") as viewer:
+            reply = await replica.transcribe("meeting", "talk-viewer", "en")
+            assert reply.status_code == 200, reply.text
+            await resumed_captions(viewer, 0, "alice")
+
+            await nats.outage()
+            await until(lambda: not replica.node.connected, "the replica noticed the outage")
+            health = await replica.healthz()
+            assert health["status"] == "degraded"
+            assert health["cluster"]["nats"] == "disconnected"
+            assert any("NATS unreachable" in reason for reason in health["reasons"])
+            # past the lease's TTL the room still runs here, and Talk's commands for it still work
+            await until(lambda: replica.node.unleased_rooms == {"meeting"}, "the lease ran out", DEADLINE)
+            assert replica.node.disconnects >= 1
+            mark = len(captions(viewer))
+            reply = await replica.transcribe("meeting", "talk-viewer-2")
+            assert reply.status_code == 200, reply.text
+            await resumed_captions(viewer, mark, "alice")
+            assert replica.has_room("meeting")
+
+            await nats.recover()
+            await until(lambda: replica.node.owned_rooms == {"meeting"}, "the room's lease was re-claimed")
+            assert replica.node.unleased_rooms == frozenset()
+            assert (await replica.healthz())["cluster"]["nats"] == "connected"
+            mark = len(captions(viewer))
+            await resumed_captions(viewer, mark, "alice")
