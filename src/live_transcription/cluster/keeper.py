@@ -19,6 +19,7 @@ from live_transcription.clock import Clock
 from live_transcription.cluster.codec import LeaseValue, RoomRecord
 from live_transcription.cluster.leases import LeaseClock
 from live_transcription.cluster.store import NATS_FAILURES, Lease, LeaseLost, LeaseStore
+from live_transcription.logs import short_token
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class LeaseKeeper:
                 failed = True
                 if record is not None and self._pending is None:
                     self._pending = record  # write it on the next attempt
-                log.warning("renewing the lease of %s failed (%r); retrying", self.room, exc)
+                log.warning("renewing the lease of %s failed (%r); retrying", short_token(self.room), exc)
                 continue
             self._time.confirmed(sent_at)
             self.renewals += 1
@@ -149,12 +150,14 @@ class LeaseKeeper:
         try:
             self.released = await self._store.release(self._lease)
         except NATS_FAILURES as exc:
-            log.warning("releasing the lease of %s failed (%s); it expires on its own", self.room, exc)
+            log.warning(
+                "releasing the lease of %s failed (%s); it expires on its own", short_token(self.room), exc
+            )
             return
         if not self.released:
-            log.warning("the lease of %s was no longer ours at release", self.room)
+            log.warning("the lease of %s was no longer ours at release", short_token(self.room))
 
     def _lose(self, reason: str) -> None:
         self.lost_reason = reason
-        log.warning("lost the lease of room %s: %s", self.room, reason)
+        log.warning("lost the lease of room %s: %s", short_token(self.room), reason)
         self._on_lost(self.room, reason)

@@ -57,6 +57,7 @@ from live_transcription.cluster.routing import (
     route,
 )
 from live_transcription.cluster.store import NATS_FAILURES, Lease, LeaseStore, open_bucket
+from live_transcription.logs import short_token
 
 log = logging.getLogger(__name__)
 
@@ -440,11 +441,16 @@ class ClusterNode:
         try:
             if resume:
                 self.takeovers += 1
-                log.info("%s takes room %s over (%d targets)", self.replica_id, room, len(record.targets))
+                log.info(
+                    "%s takes room %s over (%d targets)",
+                    self.replica_id,
+                    short_token(room),
+                    len(record.targets),
+                )
                 resumed = await self.host.resume(record)
                 if not resumed:
                     self._resume_failed[room] = self._clock.now()
-                    log.warning("room %s taken over could not be re-opened here", room)
+                    log.warning("room %s taken over could not be re-opened here", short_token(room))
             if command is not None:
                 reply = await self.host.execute(command)
         finally:
@@ -473,7 +479,7 @@ class ClusterNode:
         try:
             await keeper.run()
         except Exception:
-            log.exception("the lease keeper of room %s failed", keeper.room)
+            log.exception("the lease keeper of room %s failed", short_token(keeper.room))
             if keeper.lost_reason is None:
                 self._lease_lost(keeper.room, "lease keeper failed")
         finally:
@@ -496,13 +502,15 @@ class ClusterNode:
             # another replica took it meanwhile) once NATS is back
             self._unleased[room] = keeper.record
             log.warning(
-                "room %s keeps running without its lease while NATS is unreachable (%s)", room, reason
+                "room %s keeps running without its lease while NATS is unreachable (%s)",
+                short_token(room),
+                reason,
             )
             return
         try:
             self.host.lost(room, reason)
         except Exception:
-            log.exception("stopping room %s after its lease was lost failed", room)
+            log.exception("stopping room %s after its lease was lost failed", short_token(room))
 
     async def reclaim_once(self) -> None:
         """Take the leases of the rooms that kept running while NATS was
@@ -521,7 +529,7 @@ class ClusterNode:
                     held = await store.read(room)
                     lease = held if held is not None and held.value.owner == self.replica_id else None
             except NATS_FAILURES as exc:
-                log.warning("re-claiming room %s failed: %s", room, exc or type(exc).__name__)
+                log.warning("re-claiming room %s failed: %s", short_token(room), exc or type(exc).__name__)
                 return
             if self._unleased.pop(room, None) is None:
                 if lease is not None:  # the room closed meanwhile
@@ -530,13 +538,15 @@ class ClusterNode:
             if lease is not None:
                 self._start_keeper(lease, sent_at)
                 self._keepers[room].update_record(record)
-                log.info("room %s re-claimed after NATS came back", room)
+                log.info("room %s re-claimed after NATS came back", short_token(room))
                 continue
-            log.warning("room %s was taken over while NATS was unreachable: stopping it here", room)
+            log.warning(
+                "room %s was taken over while NATS was unreachable: stopping it here", short_token(room)
+            )
             try:
                 self.host.lost(room, "taken over while NATS was unreachable")
             except Exception:
-                log.exception("stopping room %s failed", room)
+                log.exception("stopping room %s failed", short_token(room))
 
     # --- take-over ----------------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -591,9 +601,9 @@ class ClusterNode:
         try:
             await self._open_here(orphan.record, None, resume=True)
         except NATS_FAILURES as exc:
-            log.warning("taking room %s over failed: %s", orphan.room, exc or type(exc).__name__)
+            log.warning("taking room %s over failed: %s", short_token(orphan.room), exc or type(exc).__name__)
         except Exception:
-            log.exception("taking room %s over failed", orphan.room)
+            log.exception("taking room %s over failed", short_token(orphan.room))
         finally:
             self._taking_over.discard(orphan.room)
 

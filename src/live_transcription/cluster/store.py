@@ -29,6 +29,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from live_transcription.cluster import codec
 from live_transcription.cluster.codec import LeaseValue
 from live_transcription.cluster.leases import RELEASED
+from live_transcription.logs import short_token
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,12 @@ async def scan_bucket(
             else:
                 parsed = parse(entry.value or b"")
                 if isinstance(parsed, codec.CodecError):
-                    log.warning("bucket %s: key %s holds a bad value (%s)", entry.bucket, entry.key, parsed)
+                    log.warning(
+                        "bucket %s: key %s holds a bad value (%s)",
+                        entry.bucket,
+                        short_token(entry.key),
+                        parsed,
+                    )
                 else:
                     found[entry.key] = parsed
             if entry.delta == 0:  # nothing pending after it on the server: caught up
@@ -195,7 +201,7 @@ class LeaseStore:
             return Released(room) if exc.op in (KV_DEL, KV_PURGE) else None
         parsed = codec.parse_lease(entry.value or b"")
         if isinstance(parsed, codec.CodecError):
-            log.warning("lease of %s holds a bad value (%s); treated as free", room, parsed)
+            log.warning("lease of %s holds a bad value (%s); treated as free", short_token(room), parsed)
             return None
         return Lease(room, entry.revision or 0, parsed)
 
