@@ -18,6 +18,7 @@ change; keepers and loops are tasks of the node's TaskGroup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from types import TracebackType
@@ -531,13 +532,15 @@ class ClusterNode:
             except NATS_FAILURES as exc:
                 log.warning("re-claiming room %s failed: %s", short_token(room), exc or type(exc).__name__)
                 return
-            if self._unleased.pop(room, None) is None:
-                if lease is not None:  # the room closed meanwhile
-                    await store.release(lease)
+            latest = self._unleased.pop(room, None)  # record changes kept coming meanwhile
+            if latest is None or self._closing:  # the room closed meanwhile
+                if lease is not None:
+                    with contextlib.suppress(*NATS_FAILURES):
+                        await store.release(lease)
                 continue
             if lease is not None:
                 self._start_keeper(lease, sent_at)
-                self._keepers[room].update_record(record)
+                self._keepers[room].update_record(latest)  # written at once, restarting the TTL
                 log.info("room %s re-claimed after NATS came back", short_token(room))
                 continue
             log.warning(
