@@ -16,16 +16,20 @@ import base64
 import contextlib
 import dataclasses
 import itertools
+import os
 import secrets
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats as nats_client
 import pytest
 
 from live_transcription.api.app import Runtime, create_app
-from live_transcription.cluster import ClusterNode, ClusterOptions
+from live_transcription.cluster import ClusterNode, ClusterOptions, RoomRecord
+from live_transcription.cluster.store import LeaseStore, open_bucket
 from live_transcription.config import load_settings
 from live_transcription.hpb.protocol import Relayed
 from live_transcription.rooms.manager import Manager
@@ -35,6 +39,7 @@ from live_transcription.sim.client import SimClient
 from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator
 from live_transcription.sim.nats_process import NatsServerProcess
+from tests.integration.test_faults_sigterm import free_port, wait_serving
 from tests.integration.test_faults_support import BACKEND, no_ice_servers, talking_wav
 from tests.nats_support import nats_server_fixture, skip_unless_nats_server  # noqa: F401
 
@@ -203,6 +208,20 @@ async def resumed_captions(
         )
 
     await viewer.wait_for(arrived, deadline=DEADLINE)
+
+
+async def until_leased(nats: NatsServerProcess, record: RoomRecord) -> None:
+    """Until the room's lease carries ``record`` (read as another replica would)."""
+    nc = await nats_client.connect(nats.url)
+    try:
+        bucket = await open_bucket(nc.jetstream(), ClusterOptions().lease_bucket, 3.0)
+        store = LeaseStore(bucket, timeout=5.0)
+        async with asyncio.timeout(DEADLINE):
+            # the server announces nothing: ask again
+            while (lease := await store.read(record.room)) is None or lease.value.record != record:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
 
 
 async def until_targets(room: Room, targets: set[str]) -> None:
@@ -387,3 +406,97 @@ async def test_calls_keep_captioning_while_nats_is_down_and_are_reclaimed_after(
             assert (await replica.healthz())["cluster"]["nats"] == "connected"
             mark = len(captions(viewer))
             await resumed_captions(viewer, mark, "alice")
+
+
+# --- a replica killed -------------------------------------------------------------------------------------
+
+
+async def test_a_killed_serve_process_has_its_call_taken_over(
+    nats_server: NatsServerProcess, tmp_path: Path
+) -> None:
+    """``live-transcription serve`` with LT_NATS_URL from the environment, then
+    SIGKILL: no bye, no release; the other replica takes the call over."""
+    async with cluster_on(nats_server, tmp_path) as cluster:
+        await cluster.add_call("meeting", "alice", 240)
+        port = free_port()
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("LT_", "APP_", "MODAL_", "NEXTCLOUD"))
+        }
+        env |= {
+            "APP_SECRET": APP_SECRET,
+            "APP_PORT": str(port),
+            "APP_HOST": "127.0.0.1",
+            "NEXTCLOUD_URL": BACKEND,
+            "LT_HPB_URL": cluster.hpb.url,
+            "LT_INTERNAL_SECRET": SECRET,
+            "LT_STT_ENGINE": "instant",
+            "LT_NATS_URL": nats_server.url,
+            "LT_REPLICA_ID": "doomed",
+            "LT_CLUSTER_LEASE_TTL_SECONDS": "3",
+        }
+        log_path = tmp_path / "doomed.log"
+        with log_path.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "live_transcription.cli",
+                "serve",
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        try:
+            async with (
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as doomed,
+                SimClient(cluster.hpb.url, "meeting", "talk-viewer") as viewer,
+            ):
+                await wait_serving(doomed, process)
+                # alone in the cluster, the serve process gets the call
+                reply = await doomed.post(
+                    "/api/v1/call/transcribe",
+                    json={
+                        "roomToken": "meeting",
+                        "ncSessionId": "talk-viewer",
+                        "enable": True,
+                        "langId": "fr",
+                    },
+                    headers=auth(),
+                )
+                assert reply.status_code == 200, reply.text
+                health = (await doomed.get("/healthz")).json()
+                assert health["cluster"] == {
+                    "replica": "doomed",
+                    "nats": "connected",
+                    "rooms_owned": 1,
+                    "rooms_without_lease": 0,
+                    "replicas": health["cluster"]["replicas"],
+                }
+                await resumed_captions(viewer, 0, "alice", language="fr")
+                [old_session] = cluster.our_sessions("meeting")
+
+                survivor = await cluster.start_replica("b")
+                # a request at the new replica is forwarded to the serve process
+                reply = await survivor.transcribe("meeting", "talk-viewer-2")
+                assert reply.status_code == 200, reply.text
+                assert not survivor.has_room("meeting")
+                # the owner writes a changed record a moment after the change
+                both = RoomRecord("meeting", "fr", frozenset({"talk-viewer", "talk-viewer-2"}))
+                await until_leased(nats_server, both)
+
+                process.kill()
+                await process.wait()
+                await until(lambda: survivor.has_room("meeting"), "the survivor took the call over")
+                room = survivor.manager.room("meeting")
+                assert room is not None and room.language == "fr"
+                await until_targets(room, {"talk-viewer", "talk-viewer-2"})
+                assert survivor.node.takeovers == 1
+                mark = len(captions(viewer))
+                await resumed_captions(viewer, mark, "alice", language="fr")
+                new_sessions = set(cluster.our_sessions("meeting")) - {old_session}
+                assert len(new_sessions) == 1
+                assert {sender for sender, _ in finals_since(viewer, mark, "alice")} == new_sessions
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
