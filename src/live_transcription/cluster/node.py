@@ -262,6 +262,11 @@ class ClusterNode:
         return self._nc is not None and self._nc.is_connected
 
     @property
+    def _reconnecting(self) -> bool:
+        """Disconnected, and the client is trying to connect again (not closed for good)."""
+        return self._nc is not None and not self._nc.is_connected and not self._nc.is_closed
+
+    @property
     def replicas_seen(self) -> int:
         """Live replicas in the last scan of the registry, this one included."""
         return len(self._loads.keys() | {self.replica_id})
@@ -497,7 +502,7 @@ class ClusterNode:
     def _lease_lost(self, room: str, reason: str) -> None:
         self.leases_lost += 1
         keeper = self._keepers.get(room)
-        if keeper is not None and not keeper.taken and not self.connected and not self._closing:
+        if keeper is not None and not keeper.taken and self._reconnecting and not self._closing:
             # NATS is away for every replica as far as this one can tell: the
             # room keeps captioning here, and is re-claimed (or stopped, if
             # another replica took it meanwhile) once NATS is back
