@@ -165,7 +165,14 @@ async def cluster_on(nats: NatsServerProcess, tmp: Path) -> AsyncIterator[Cluste
     bridge = DirectBridge()
     try:
         async with HpbEmulator(SECRET, BACKEND, bridge=bridge) as hpb, contextlib.AsyncExitStack() as stack:
-            yield Cluster(hpb, bridge, nats, tmp, stack)
+            cluster = Cluster(hpb, bridge, nats, tmp, stack)
+            try:
+                yield cluster
+            finally:
+                # every replica stops at once: none takes over the calls another leaves
+                for replica in cluster.replicas:
+                    replica.manager.stop_accepting()
+                    replica.node.stop_accepting()
     finally:
         await bridge.aclose()
 
