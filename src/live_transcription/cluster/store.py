@@ -106,8 +106,9 @@ async def scan_bucket(
     it. nats-py's own "caught up" marker is not trusted when it comes first:
     it is also sent when the server had already sent every entry but none had
     reached the client yet (its consumer info said 0 pending before the
-    entries arrived), and a scan ending there would miss every key. Then the
-    bucket's message count decides whether it is really empty."""
+    entries arrived; nats-io/nats.py issue 842), and a scan ending there would
+    miss every key. Then the bucket's message count decides whether it is
+    really empty."""
     watcher = await kv.watchall(inactive_threshold=SCAN_CONSUMER_IDLE)
     found: dict[str, T | None] = {}
     received = 0
