@@ -7,7 +7,8 @@ close, no flush on close; moshi's ``Ready``, ``Step``, ``Word``/``EndWord``,
 (``tests.fakes``). What changes is the "model": the tests' fakes recognise
 synthetic code frames, which do not survive Opus; here a word comes out every
 ``frames_per_word`` voiced frames of real (decoded) audio since the last
-silent frame (``EnergyWords``), ``delay_frames`` frames later (0: the
+silent frame (``EnergyWords`` of ``tests.fakes.energy``, the Modal fake's
+``model="energy"``), ``delay_frames`` frames later (0: the
 zero-delay server that isolates the service's own latency; 6 is Kyutai
 stt-1b's 0.48 s).
 
@@ -36,64 +37,16 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import numpy.typing as npt
+from tests.fakes.energy import EnergyWords, Samples
 from tests.fakes.modal_kyutai import FakeModalKyutai
 from tests.fakes.moshi_server import FakeMoshiServer
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 
 log = logging.getLogger("bench.stt_server")
 
 SAMPLE_RATE = 24_000
 FRAME_SECONDS = 0.08
-SILENCE_POWER = 1e-6
-"""Mean square below this is a silent frame (-60 dBFS), as the instant engine decides."""
-
 Json = dict[str, Any]
-Samples = npt.NDArray[np.float32]
-
-
-class EnergyWords:
-    """The benchmark's model, pure: a word completes on every
-    ``frames_per_word``-th voiced frame since the last silent frame, and is
-    due ``delay_frames`` frames after that. ``feed`` returns the words due
-    after the frame just received, as (text, start frame, end frame)."""
-
-    def __init__(self, frames_per_word: int = 4, delay_frames: int = 0) -> None:
-        if frames_per_word < 1 or delay_frames < 0:
-            raise ValueError("frames_per_word >= 1 and delay_frames >= 0")
-        self.frames_per_word = frames_per_word
-        self.delay_frames = delay_frames
-        self.received = 0
-        self.voiced_run = 0
-        self.silence_run = 0
-        self._pending: list[tuple[int, str, int, int]] = []
-
-    @staticmethod
-    def voiced(samples: Samples) -> bool:
-        return samples.size > 0 and float(np.dot(samples, samples)) >= SILENCE_POWER * samples.size
-
-    def feed(self, samples: Samples) -> list[tuple[str, int, int]]:
-        index = self.received
-        self.received += 1
-        if self.voiced(samples):
-            self.silence_run = 0
-            self.voiced_run += 1
-            if self.voiced_run % self.frames_per_word == 0:
-                start = index + 1 - self.frames_per_word
-                self._pending.append((index + self.delay_frames, f"w{index}", start, index + 1))
-        else:
-            self.silence_run += 1
-            self.voiced_run = 0
-        due = []
-        while self._pending and self._pending[0][0] <= index:
-            _, text, start, end = self._pending.pop(0)
-            due.append((text, start, end))
-        return due
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
 
 
 @dataclass
@@ -167,42 +120,28 @@ class _Streams:
 
 
 class BenchModalServer(FakeModalKyutai):
-    """The Modal fake with the energy model, counting the load."""
+    """The Modal fake with the energy model, counting the load (no per-word log)."""
 
     def __init__(self, load: Load, streams: _Streams, *, frames_per_word: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(model="energy", frames_per_word=frames_per_word, keep_log=False, **kwargs)
         self.load = load
         self.streams = streams
-        self.frames_per_word = frames_per_word
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        self.connections += 1
-        model = EnergyWords(self.frames_per_word, self.delay_frames)
+    def _on_open(self, ws: ServerConnection) -> None:
         self.load.opened(time.monotonic())
-        key = id(ws)
-        try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(ws.recv(), self.idle_close_seconds)
-                except TimeoutError:
-                    self.idle_closes += 1
-                    await ws.close(1000, "idle")
-                    return
-                if isinstance(message, str) or len(message) % 4:
-                    self.bad_frames += 1
-                    continue
-                samples = np.frombuffer(message, dtype="<f4")
-                self.streams.last_audio[key] = time.monotonic()
-                self.load.audio(samples.size / SAMPLE_RATE, EnergyWords.voiced(samples))
-                for text, _, _ in model.feed(samples):
-                    self.load.words += 1
-                    self.load.words_total += 1
-                    await ws.send(json.dumps({"type": "token", "text": text}))
-        except ConnectionClosed:
-            self.client_closes += 1
-        finally:
-            self.streams.last_audio.pop(key, None)
-            self.load.closed(time.monotonic())
+
+    def _on_audio(self, ws: ServerConnection, samples: Samples) -> None:
+        self.streams.last_audio[id(ws)] = time.monotonic()
+        self.load.audio(samples.size / SAMPLE_RATE, EnergyWords.voiced(samples))
+
+    def _on_close(self, ws: ServerConnection) -> None:
+        self.streams.last_audio.pop(id(ws), None)
+        self.load.closed(time.monotonic())
+
+    async def _send_word(self, ws: ServerConnection, text: str, connection_number: int) -> None:
+        self.load.words += 1
+        self.load.words_total += 1
+        await super()._send_word(ws, text, connection_number)
 
 
 class BenchMoshiServer(FakeMoshiServer):
