@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     embedded_model_dir: str = Field("", alias="LT_EMBEDDED_MODEL_DIR")
     stt_pool_headroom: int = Field(1, alias="LT_STT_POOL_HEADROOM", ge=0, le=1000)
     stt_pool_max: int = Field(512, alias="LT_STT_POOL_MAX", ge=1, le=10_000)
+    stt_stall_seconds: float = Field(4.0, alias="LT_STT_STALL_SECONDS", gt=0, le=300)
 
     # --- Rooms and captions -----------------------------------------------------
     room_linger_seconds: float = Field(60.0, alias="LT_ROOM_LINGER_SECONDS", ge=0)

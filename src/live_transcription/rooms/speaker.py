@@ -55,7 +55,7 @@ _REPORT_SECONDS = 10.0
 """Counters of a speaker who stays silent are added to the metrics this often."""
 ENGINE_RETRY_SECONDS = 60.0
 """After a fatal stream error, how long a speaker waits before opening a new stream."""
-_RECONNECT_REASONS = frozenset({"connection", "capacity", "timeout"})
+_RECONNECT_REASONS = frozenset({"connection", "capacity", "timeout", "stalled"})
 """Non-fatal stream errors after which the stream is retrying its connection."""
 
 

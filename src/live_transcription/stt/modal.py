@@ -153,4 +153,5 @@ class ModalEngine(RemoteEngine):
             max_connections=settings.stt_pool_max,
             keepalive_seconds=KEEPALIVE_SECONDS,
         )
-        return cls(settings.modal_stream_url, modal_headers(settings), pool=pool, **kwargs)  # type: ignore[arg-type]
+        options = RemoteOptions(stall_seconds=settings.stt_stall_seconds)
+        return cls(settings.modal_stream_url, modal_headers(settings), options=options, pool=pool, **kwargs)  # type: ignore[arg-type]

@@ -169,4 +169,5 @@ class MoshiEngine(RemoteEngine):
             max_connections=settings.stt_pool_max,
             keepalive_seconds=KEEPALIVE_SECONDS,
         )
-        return cls(settings.moshi_url, settings.moshi_api_key.get_secret_value(), pool=pool)
+        options = RemoteOptions(stall_seconds=settings.stt_stall_seconds)
+        return cls(settings.moshi_url, settings.moshi_api_key.get_secret_value(), options=options, pool=pool)

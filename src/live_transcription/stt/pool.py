@@ -30,6 +30,10 @@ The pool (one task, ``run``, owns its state; streams call the non-blocking
   wait and its reason are counted. Refusals back off exponentially.
 * **Credentials** rejected (HTTP 401/403) fail every waiting request fatally;
   the engine then refuses new streams for a while instead of hammering.
+* **Stalls.** A lessee that finds its connection stopped answering closes it
+  (``connection_stalled``); the idle connections not heard from since that
+  one went silent are closed with it (they may hang on the same server), so
+  the lessee's next lease is a new connection. Logged once per episode.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.float32)
 CLOSED = object()
 """Handed to a lease's sink when its connection has closed."""
 CAPACITY_STATUSES = frozenset({429, 503})
+STALL_EPISODE_SECONDS = 60.0
+"""Stalls closer together than this are one episode: logged once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +130,8 @@ class Connection:
         """Frames sent on this connection (speech, flush and keep-alive)."""
         self.last_frame_at = 0.0
         self.idle_since = 0.0
+        self.last_heard_at = 0.0
+        """When the server last sent anything on it (or accepted it)."""
         self.sink: Sink | None = None
         self.closed = False
         self._markers = itertools.count(1)
@@ -184,6 +192,7 @@ class ConnectionPool:
         self._timers: list[TimerHandle] = []
         self._stopped = False
         self._logged: set[str] = set()
+        self._last_stall_at: float | None = None
         self._speech_metric = metrics.stt_audio_seconds.labels("speech")
         self._flush_metric = metrics.stt_audio_seconds.labels("flush")
         self._keepalive_metric = metrics.stt_audio_seconds.labels("keepalive")
@@ -193,6 +202,10 @@ class ConnectionPool:
         self.surplus_closed = 0
         self.idle_lost = 0
         self.capacity_refusals = 0
+        self.stalled = 0
+        """Leased connections given up because they stopped answering."""
+        self.stale_closed = 0
+        """Idle connections closed with a stalled one."""
         self.unattributed = 0
         """Server words that arrived on an idle connection: dropped, never given to a speaker."""
 
@@ -260,6 +273,26 @@ class ConnectionPool:
             self._speech_metric.inc(speech_frames * FRAME_SECONDS)
         if flush_frames:
             self._flush_metric.inc(flush_frames * FRAME_SECONDS)
+
+    def connection_stalled(self, connection: Connection, *, silent_since: float, silent_for: float) -> None:
+        """The lessee gives ``connection`` up (it gives it back, not reusable,
+        right after): nothing came back for ``silent_for`` seconds."""
+        self.stalled += 1
+        stale = [c for c in self._idle if c.last_heard_at <= silent_since]
+        for idle in stale:
+            self._idle.remove(idle)
+            self._close(idle)
+        self.stale_closed += len(stale)
+        now = self._clock.now()
+        last, self._last_stall_at = self._last_stall_at, now
+        if last is None or now - last >= STALL_EPISODE_SECONDS:
+            log.warning(
+                "the STT server stopped answering a connection (no answer for %.1f s to the audio sent):"
+                " replacing it%s; the speaker's unacknowledged audio is sent again",
+                silent_for,
+                f" and {len(stale)} idle connection(s) silent since" if stale else "",
+            )
+        self._wake.set()
 
     def connection_works(self) -> None:
         """A lessee saw the server work (a word, a flush): failures are over."""
@@ -463,6 +496,7 @@ class ConnectionPool:
 
     def _opened(self, connection: Connection) -> None:
         self._opening.discard(connection)
+        connection.last_heard_at = self._clock.now()
         self._proven = True
         # the server answers again (a server that accepts and drops at once is
         # slowed down by the idle-loss count instead)
@@ -525,6 +559,7 @@ class ConnectionPool:
             self._on_closed(connection)
 
     def _dispatch(self, connection: Connection, message: object) -> None:
+        connection.last_heard_at = self._clock.now()
         sink = connection.sink
         if sink is not None:
             sink(connection, message)

@@ -23,6 +23,16 @@ Connection policy (the reasons):
   the stream leases another (first at once, then with exponential backoff on
   the injected clock) and sends those frames again; ``ReplayDeduper`` drops
   the words the server recognises a second time.
+* **A connection that stops answering** (open, reading audio, sending
+  nothing back) is left the same way, without waiting for the speaker to
+  pause: once audio sent on it has had no answer at all (no word, no
+  progress step, no marker) for ``stall_seconds`` beyond the model delay, the
+  stream declares it stalled (``StreamError(reason="stalled")``), closes it
+  and replays on a new one; the pool closes the idle connections not heard
+  from since then too (they may hang with it). Modal answers nothing for
+  audio without words, so its quiet-period flush is not trusted either when
+  ``stall_voiced_seconds`` of voiced audio got no answer: that audio is
+  replayed once on a new connection (a second silence is taken as no words).
 * **Bad credentials** (HTTP 401/403 at a handshake) end the stream with a
   fatal ``StreamError(reason="auth")``; the engine then refuses new streams
   for ``auth_retry_seconds`` instead of hammering the server.
@@ -113,6 +123,11 @@ class RemoteOptions:
     """On close, how long to keep trying to flush unsent audio."""
     auth_retry_seconds: float = 60.0
     """After a 401, how long the engine refuses new streams."""
+    stall_seconds: float = 4.0
+    """A leased connection that has answered nothing for this long beyond the
+    model delay, while audio sent on it waits for an answer, is replaced."""
+    stall_voiced_seconds: float = 1.0
+    """Voiced audio without any answer that makes a quiet-period flush suspect."""
     max_message_bytes: int = 1 << 20
 
 
@@ -159,11 +174,19 @@ class RemoteStream(DrivenStream):
         self._flush_frames = 0
         self._timers: list[TimerHandle] = []
         self._logged_reasons: set[str] = set()
+        # audio sent on the leased connection since its last answer
+        self._unanswered_since: float | None = None
+        self._unanswered_frames = 0
+        self._unanswered_voiced = 0
+        self._stall_armed = False
+        self._stall_retried = False
+        """The unacknowledged audio was already replayed after a stall."""
         # counters (read by metrics and tests)
         self.inbox_dropped = 0
         self.reconnects = 0
         self.frames_replayed = 0
         self.leases = 0
+        self.stalls = 0
 
     # --- SttStream ---------------------------------------------------------------
     def end_of_speech(self) -> None:
@@ -222,6 +245,8 @@ class RemoteStream(DrivenStream):
                 log.warning("stt stream closed before its last audio was flushed")
             self._finished = True
             return False
+        if self._connection is not None and self._stalled(now):
+            self._on_stalled(now)
         if self._connection is None:
             if not self._has_unflushed_audio():
                 if self._closing:
@@ -238,6 +263,8 @@ class RemoteStream(DrivenStream):
             return False
         if self._flush is _Flush.WAITING:
             self._check_flush(now)
+            if self._connection is None:
+                return True  # left as stalled: lease another
         if self._flush is _Flush.IDLE and not self._has_unflushed_audio():
             self._give_back(reusable=True)  # the flush is back: the next speaker may have it
             if self._closing:
@@ -276,6 +303,7 @@ class RemoteStream(DrivenStream):
         self._timeline = ConnectionTimeline(start_frame=connection.server_frames)
         self._server_paused = False
         self._quiet_tail = 0
+        self._answered()
         if self._unacked:
             self.reconnects += 1
             self._deduper.start_replay(self._unacked[0][0] * FRAME_SECONDS)
@@ -289,6 +317,7 @@ class RemoteStream(DrivenStream):
         if connection is None:
             return
         self._protocol = None
+        self._answered()
         connection.last_frame_at = self._clock.now()
         self._record_audio()
         self._engine.pool().give_back(connection, reusable=reusable)
@@ -312,7 +341,9 @@ class RemoteStream(DrivenStream):
             self._timeline.record_audio(index)
             connection.server_frames += 1
             self._speech_frames += 1
-            self._quiet_tail = self._quiet_tail + 1 if float(np.dot(frame, frame)) < _QUIET_POWER else 0
+            quiet = float(np.dot(frame, frame)) < _QUIET_POWER
+            self._quiet_tail = self._quiet_tail + 1 if quiet else 0
+            self._await_answer(1, voiced=not quiet)
             if not await self._send(protocol.encode_audio(frame)):
                 return
 
@@ -329,6 +360,7 @@ class RemoteStream(DrivenStream):
                 self._timeline.record_padding(anchor, step.frames)
                 connection.server_frames += step.frames
                 self._flush_frames += step.frames
+                self._await_answer(step.frames, voiced=False)
                 for _ in range(step.frames):
                     if not await self._send(silence):
                         return
@@ -356,7 +388,10 @@ class RemoteStream(DrivenStream):
             return
         quiet = now - max(self._flush_started, self._last_word_at)
         if quiet >= self._options.flush_quiet_seconds:
-            self._complete_flush()
+            if self._flush_unanswered():
+                self._on_stalled(now)
+            else:
+                self._complete_flush()
         else:
             self._arm(self._options.flush_quiet_seconds - quiet)
 
@@ -371,6 +406,7 @@ class RemoteStream(DrivenStream):
             if self._has_unflushed_audio():
                 self._flush = _Flush.REQUESTED
         self._deduper.acknowledge_all()
+        self._stall_retried = False
         self._failures = 0
         self._engine.pool().connection_works()
         if not self._last_was_pause:  # once per pause: the server may have said it already
@@ -402,17 +438,83 @@ class RemoteStream(DrivenStream):
     def _backoff(self) -> float:
         return backoff_delay(self._options, self._failures)
 
-    def _on_connection_lost(self, connection: Connection, why: str) -> None:
+    def _on_connection_lost(
+        self, connection: Connection, why: str, *, what: str = "lost", reason: str = "connection"
+    ) -> None:
         if connection is not self._connection:
             return
         connection.sink = None
         self._give_back(reusable=False)
+        if self._flush is _Flush.WAITING:
+            self._flush = _Flush.REQUESTED  # the flush goes again after the replay
         if self._has_unflushed_audio() or self._flush is not _Flush.IDLE:
             # mid-utterance: lease another at once the first time, then back off
             self._retry_at = self._clock.now() + self._backoff()
             self._failures += 1
-            self._events.put(StreamError(f"STT connection lost ({why}); replaying", reason="connection"))
+            self._events.put(StreamError(f"STT connection {what} ({why}); replaying", reason=reason))
         self._wake.set()
+
+    # --- a connection that stops answering -----------------------------------------
+    def _stall_bound(self) -> float:
+        delay = self._protocol.delay_frames if self._protocol is not None else 0
+        return self._options.stall_seconds + delay * FRAME_SECONDS
+
+    def _await_answer(self, frames: int, *, voiced: bool) -> None:
+        """``frames`` more frames went out on the leased connection."""
+        if self._unanswered_since is None:
+            self._unanswered_since = self._clock.now()
+            self._arm_stall(self._stall_bound())
+        self._unanswered_frames += frames
+        if voiced:
+            self._unanswered_voiced += frames
+
+    def _answered(self) -> None:
+        """The connection answered (or changed): nothing is awaited."""
+        self._unanswered_since = None
+        self._unanswered_frames = 0
+        self._unanswered_voiced = 0
+
+    def _arm_stall(self, delay: float) -> None:
+        if not self._stall_armed:
+            self._stall_armed = True
+            self._timers = self._timers[-16:]
+            self._timers.append(self._clock.call_later(delay, self._stall_due))
+
+    def _stall_due(self) -> None:
+        self._stall_armed = False
+        self._wake.set()
+
+    def _stalled(self, now: float) -> bool:
+        """Audio has waited for any answer longer than the bound, and enough
+        of it went out that an answer was due (more than the model delay)."""
+        since = self._unanswered_since
+        protocol = self._protocol
+        if since is None or protocol is None:
+            return False
+        waited = now - since
+        bound = self._stall_bound()
+        if waited < bound:
+            self._arm_stall(bound - waited)
+            return False
+        return self._unanswered_frames > protocol.delay_frames
+
+    def _flush_unanswered(self) -> bool:
+        """A quiet-period flush ended with voiced audio that got no answer at
+        all: a silent connection cannot be told from audio without words, so
+        the audio gets one more try on a new connection."""
+        voiced = self._unanswered_voiced * FRAME_SECONDS
+        return not self._stall_retried and voiced >= self._options.stall_voiced_seconds
+
+    def _on_stalled(self, now: float) -> None:
+        connection = self._connection
+        assert connection is not None
+        since = self._unanswered_since if self._unanswered_since is not None else now
+        self.stalls += 1
+        self._stall_retried = True
+        self._engine.pool().connection_stalled(connection, silent_since=since, silent_for=now - since)
+        self._on_connection_lost(
+            connection, f"no answer for {now - since:.1f} s", what="stopped answering", reason="stalled"
+        )
 
     # --- server events -------------------------------------------------------------
     def _process_inbox(self) -> None:
@@ -426,6 +528,8 @@ class RemoteStream(DrivenStream):
                 continue
             if not isinstance(message, str | bytes) or self._protocol is None:
                 continue
+            self._answered()
+            self._stall_retried = False
             for event in self._protocol.parse(message):
                 self._on_server_event(event)
 
