@@ -8,25 +8,44 @@ current session and naming the speakers' current sessions.
 Faults: HPB socket drop (resumed), our session expired (resume refused, full
 reconnect), the viewer's session replaced while captions flow, HPB restart
 (every HPB session id new, Talk's kept, publishers re-publish under their new
-sessions), Janus restart (publishers re-publish into the new Janus)."""
+sessions), Janus restart (publishers re-publish into the new Janus).
+
+STT faults, in a second call of the same kind with the Modal engine against
+the fake Modal server's energy model (a word per four voiced frames of the
+Opus-decoded speech; exact words do not survive Opus): the connections
+dropped while their speakers are inside a word, the server refusing the
+credentials (HTTP 401) for a while, and an engine that stops answering
+(connections open, audio read, nothing back). After each, every speaker's
+new finals reach the viewer, the first of them within 10 s of the speaker's
+audio after the recovery (counted in the RTP packets the speaker received,
+not in wall-clock time, so a loaded machine does not make it flaky)."""
 
 from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from live_transcription import service as service_module
 from live_transcription.config import load_settings
+from live_transcription.rooms import speaker as speaker_module
+from live_transcription.rooms.speaker import Speaker
 from live_transcription.service import running_service
 from live_transcription.sim.bridge import JanusBridge
 from live_transcription.sim.client import SimClient
 from live_transcription.sim.demo import bundled_speech
 from live_transcription.sim.emulator import HpbEmulator
 from live_transcription.sim.janus_process import JanusProcess
+from live_transcription.stt.modal import ModalEngine
+from live_transcription.stt.pool import PoolOptions
+from live_transcription.stt.remote import RemoteOptions
+from tests.fakes.modal_kyutai import FakeModalKyutai
 from tests.integration.test_faults_support import BACKEND, metric, no_ice_servers
 from tests.janus_support import running_janus
 from tests.waiting import until
@@ -36,6 +55,11 @@ ROOM = "e2efaults"
 RECOVERY = 90.0
 """Generous: CPU recognition of two looping speakers on a shared machine."""
 RECONNECTS = "live_transcription_hpb_reconnects_total"
+STT_EVENTS = "live_transcription_stt_stream_events_total"
+KEY, SECRET = "e2e-key", "e2e-secret"
+PACKET_SECONDS = 0.02
+WITHIN_SECONDS = 10.0
+"""A speaker's first new final after recovery comes within this much of its audio."""
 
 
 def finals_after(viewer: SimClient, mark: int, speaker: str) -> list[str]:
@@ -172,3 +196,151 @@ async def test_captions_survive_signaling_and_sfu_faults(tmp_path: Path) -> None
                 await manager.leave(ROOM)
                 await until(lambda: manager.rooms() == [], deadline=RECOVERY)
                 hpb.bridge = None
+
+
+class SpeakerRecorder:
+    """The service's speakers, as it creates them (to read their audio counts)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.created: list[Speaker] = []
+        created = self.created
+
+        class RecordedSpeaker(Speaker):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                created.append(self)
+
+        monkeypatch.setattr(service_module, "Speaker", RecordedSpeaker)
+
+    def packets(self, session: str) -> int:
+        """RTP packets (20 ms each) the live speaker of ``session`` has received."""
+        live = [s for s in self.created if s.context.session_id == session and s.end_reason is None]
+        audio = live[-1]._audio if live else None
+        return audio.packets_in if audio is not None else 0
+
+
+async def stt_recovered(
+    fault: str, viewer: SimClient, speakers: Iterable[str], recorder: SpeakerRecorder
+) -> dict[str, float]:
+    """Call at the moment the STT is usable again. Every speaker's first new
+    final must come within ``WITHIN_SECONDS`` of its audio; then two new
+    finals each must reach the viewer (``captions_resume``). Returns the
+    audio seconds each speaker took (for the record)."""
+    wanted = sorted(speakers)
+    mark = len(viewer.transcripts())
+    packets_at = {s: recorder.packets(s) for s in wanted}
+    started = time.monotonic()
+    took: dict[str, float] = {}
+
+    def first_finals_in() -> bool:
+        for s in wanted:
+            if s not in took and finals_after(viewer, mark, s):
+                took[s] = (recorder.packets(s) - packets_at[s]) * PACKET_SECONDS
+        return len(took) == len(wanted)
+
+    try:
+        await viewer.wait_for(first_finals_in, deadline=RECOVERY)
+    except TimeoutError:
+        raise AssertionError(f"{fault}: no new final for some speaker: got {took}") from None
+    print(f"{fault}: first new final after {took} s of audio ({time.monotonic() - started:.1f} s)")
+    slow = {s: t for s, t in took.items() if t > WITHIN_SECONDS}
+    assert not slow, f"{fault}: the first new final took more than {WITHIN_SECONDS} s of audio: {slow}"
+    await captions_resume(fault, viewer, wanted, mark=mark)
+    return took
+
+
+async def test_captions_survive_stt_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a speaker whose stream failed for bad credentials tries again after 1 s
+    # (60 s in production), and the engine's own cool-off is as short
+    monkeypatch.setattr(speaker_module, "ENGINE_RETRY_SECONDS", 1.0)
+    recorder = SpeakerRecorder(monkeypatch)
+    wavs = bundled_speech()[:2]
+    speech = {f"speaker-{i + 1}": wav for i, wav in enumerate(wavs)}
+    secret = secrets.token_hex(8)
+    engine_events = {"engine": "modal"}
+    async with AsyncExitStack() as stack:
+        janus: JanusProcess = await stack.enter_async_context(running_janus())
+        bridge = await stack.enter_async_context(JanusBridge(janus.ws_url))
+        await publish(bridge, speech)
+        fake = await stack.enter_async_context(FakeModalKyutai(model="energy", key=KEY, secret=SECRET))
+        hpb = await stack.enter_async_context(HpbEmulator(secret, BACKEND, bridge=bridge))
+        for session in speech:
+            await hpb.add_participant(
+                ROOM, session_id=session, nextcloud_session_id=f"talk-{session}", in_call=7
+            )
+        settings = load_settings(
+            LT_HPB_URL=hpb.url,
+            LT_INTERNAL_SECRET=secret,
+            NEXTCLOUD_URL=BACKEND,
+            LT_STT_ENGINE="modal",
+            LT_MODAL_URL=fake.url,
+            MODAL_KEY=KEY,
+            MODAL_SECRET=SECRET,
+            APP_SECRET="x",
+            LT_ROOM_LINGER_SECONDS=1,
+            # the looping speech has no pause the audio gate ends an utterance
+            # at: lines are finalised by length, every 3 s
+            LT_MAX_CAPTION_SECONDS=3,
+        )
+        engine = ModalEngine(
+            fake.url,
+            {"Modal-Key": KEY, "Modal-Secret": SECRET},
+            options=RemoteOptions(auth_retry_seconds=1.0),
+            pool=PoolOptions(headroom=1),
+        )
+        runtime = await stack.enter_async_context(
+            running_service(settings, engine=engine, ice_servers=no_ice_servers)
+        )
+        manager = runtime.manager
+        viewer = await stack.enter_async_context(SimClient(hpb.url, ROOM, "talk-viewer"))
+        await manager.transcribe(ROOM, "talk-viewer", True, "en")
+        await captions_resume("start", viewer, speech, mark=0)
+
+        async def healthy_again(fault: str) -> None:
+            try:
+                await until(lambda: runtime.health()[0].status == "ok", deadline=RECOVERY)
+            except TimeoutError:
+                raise AssertionError(f"{fault}: health stays {runtime.health()[0]}") from None
+            assert metric("live_transcription_stt_streams_reconnecting") == 0
+
+        # --- 1. the STT connections drop while both speakers are inside a word;
+        # the server accepts new ones at once
+        lost = metric(STT_EVENTS, engine_events | {"event": "connection"})
+        await until(lambda: fake.answering_mid_word() >= 2, deadline=RECOVERY)
+        assert fake.drop_open_connections() >= 2
+        await stt_recovered("STT connection dropped mid-word", viewer, speech, recorder)
+        assert metric(STT_EVENTS, engine_events | {"event": "connection"}) >= lost + 2
+        await healthy_again("STT connection dropped mid-word")
+
+        # --- 2. the server refuses the credentials (HTTP 401) for a while: the
+        # streams end with a clear error, the speakers retry; then it accepts again
+        refused = metric(STT_EVENTS, engine_events | {"event": "fatal-auth"})
+        fake.key = "rotated"
+        rejected = fake.rejected
+        fake.drop_open_connections()  # the next handshakes meet the 401
+        await until(
+            lambda: metric(STT_EVENTS, engine_events | {"event": "fatal-auth"}) >= refused + 2,
+            deadline=RECOVERY,
+        )
+        assert fake.rejected > rejected
+
+        # health says why while the refusal is recent (the speakers keep trying)
+        def failing_for_credentials() -> bool:
+            health = runtime.health()[0]
+            return health.status == "failing" and any("credentials" in r for r in health.reasons)
+
+        await until(failing_for_credentials, deadline=RECOVERY)
+        fake.key = KEY
+        await stt_recovered("STT refusing with 401, then recovering", viewer, speech, recorder)
+        await healthy_again("STT refusing with 401, then recovering")
+
+        # --- 3. the engine stops answering: every open connection keeps
+        # reading audio and sends nothing back; new connections work
+        stalled = metric(STT_EVENTS, engine_events | {"event": "stalled"})
+        assert fake.silence_open_connections() >= 2
+        await stt_recovered("STT engine stops answering", viewer, speech, recorder)
+        assert metric(STT_EVENTS, engine_events | {"event": "stalled"}) >= stalled + 2
+        await healthy_again("STT engine stops answering")
+
+        await manager.leave(ROOM)
+        await until(lambda: manager.rooms() == [], deadline=RECOVERY)
