@@ -242,24 +242,33 @@ async def test_stt_refusing_with_401_then_recovering_captions_again(
         assert call.runtime.health()[0].status == "ok"
 
 
-async def test_an_engine_that_stops_answering_is_left_for_a_new_connection(
+async def test_an_engine_that_stops_answering_is_left_while_the_speaker_talks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first connection takes audio and never answers: after the flush
-    gives up and the idle close, the next speech opens a new connection and
-    its words arrive."""
-    options = RemoteOptions(flush_max_seconds=0.5)
-    pool = PoolOptions(headroom=0, surplus_seconds=0.3)
+    """The first connection takes audio and never answers. The speaker talks
+    on without a pause: after the stall bound the stream replays the audio on
+    a new connection, the words arrive before any pause, the stall is counted,
+    and after the pause the viewer has every word once."""
+    options = RemoteOptions(stall_seconds=0.5)
     async with (
         FakeModalKyutai(silent_connections=frozenset({1})) as fake,
-        stt_call(tmp_path, monkeypatch, fake, options, pool) as call,
+        stt_call(tmp_path, monkeypatch, fake, options, PoolOptions(headroom=0)) as call,
     ):
-        call.say([0, 1])
-        await until(lambda: fake.client_closes >= 1, deadline=DEADLINE)  # gave up on it
-        assert call.final_words() == []
-        call.say([2, 3])
-        await call.viewer.wait_for(lambda: call.final_words() == ["charlie", "delta"], deadline=DEADLINE)
-        assert fake.connections >= 2
+        stalled = {"engine": "modal", "event": "stalled"}
+        stalls_before = metric(STT_EVENTS, stalled)
+        speaker = call.speaker()
+        ids = list(range(8))
+        for frame in speech(ids):  # 32 frames: the words of 0-5 are due within them
+            speaker._on_frame(frame)
+        await until(lambda: speaker.words >= 6, deadline=DEADLINE)  # no pause yet
+        assert metric(STT_EVENTS, stalled) == stalls_before + 1
+        assert fake.connections == 2 and 1 not in fake.words_by_connection
+        speaker._on_speech_end()
+        expected = [VOCABULARY[w] for w in ids]
+        await call.viewer.wait_for(lambda: len(call.final_words()) >= len(expected), deadline=DEADLINE)
+        assert call.final_words() == expected, "a word was lost or repeated"
+        assert speaker.stt_reconnecting is False
+        assert call.runtime.health()[0].status == "ok"
 
 
 async def test_after_our_hpb_session_expired_an_stt_drop_loses_no_word(

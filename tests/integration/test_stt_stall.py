@@ -160,3 +160,29 @@ async def test_idle_connections_silent_since_the_stall_are_closed_and_a_new_one_
             events += await collect_until(stream, lambda e: isinstance(e[-1], Pause))
         assert words(events) == [VOCABULARY[i] for i in range(8)]
         assert stalls(events) == 1
+
+
+async def test_stalls_of_one_episode_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock()
+    async with FakeModalKyutai(silent_connections=frozenset({1, 2})) as fake:
+        engine = modal(fake, clock, PoolOptions(headroom=0))
+        async with engine.open_stream("en") as a, engine.open_stream("en") as b:
+            assert isinstance(a, RemoteStream) and isinstance(b, RemoteStream)
+            for frame in speech([0, 1, 2, 3]):
+                a.push(frame)
+                b.push(frame)
+            await until(lambda: fake.frames_received >= 32, deadline=DEADLINE)
+            clock.skip(BOUND)
+            a_events = await collect_until(a, count_words(2))
+            b_events = await collect_until(b, count_words(2))
+            for stream, events in ((a, a_events), (b, b_events)):
+                stream.end_of_speech()
+                events.extend(await collect_until(stream, count_words(2)))
+            await until(lambda: a.awaiting_flush and b.awaiting_flush, deadline=DEADLINE)
+            clock.skip(OPTIONS.flush_quiet_seconds)
+            a_events += await collect_until(a, lambda e: isinstance(e[-1], Pause))
+            b_events += await collect_until(b, lambda e: isinstance(e[-1], Pause))
+        assert words(a_events) == words(b_events) == [VOCABULARY[i] for i in range(4)]
+        assert engine.pool().stalled == 2
+        warnings = [r for r in caplog.records if "stopped answering" in r.getMessage()]
+        assert len(warnings) == 1
