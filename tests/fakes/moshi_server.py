@@ -9,7 +9,9 @@
   ``EndWord`` (``stop_time``) ``delay_frames`` after its last.
 * ``Marker`` echoed once ``delay_frames`` more frames have been processed.
 * Closes after ``idle_close_seconds`` with nothing received; no flush on close.
-* ``drop_after_frames`` aborts the first connection mid-stream.
+* ``drop_after_frames`` aborts the first connection mid-stream;
+  ``silent_connections`` (connection numbers, from 1) are read but never
+  answered after ``Ready`` (no step, word or marker): a hung engine.
 * Observations for tests: per connection, the code of every audio frame
   received (0 silence, word id + 1) and the words sent.
 """
@@ -43,6 +45,7 @@ class FakeMoshiServer:
         idle_close_seconds: float = 20.0,
         drop_after_frames: int | None = None,
         pause_frames: int = 4,
+        silent_connections: frozenset[int] = frozenset(),
     ) -> None:
         self.vocabulary = list(vocabulary)
         self.api_key = api_key
@@ -51,6 +54,7 @@ class FakeMoshiServer:
         self.idle_close_seconds = idle_close_seconds
         self.drop_after_frames = drop_after_frames
         self.pause_frames = pause_frames
+        self.silent_connections = silent_connections
         # observations
         self.handshakes = 0
         self.rejected = 0
@@ -153,6 +157,8 @@ class FakeMoshiServer:
             self.frames_received += 1
             code = decode_frame(samples)
             codes.append(code)
+            if connection_number in self.silent_connections:
+                continue
             started, ended = model.feed(code)
             if started is not None:
                 words.append((started[0] + self.delay_frames, started[1]))

@@ -14,10 +14,12 @@ import pytest
 from live_transcription.clock import ManualClock
 from live_transcription.stt.base import FRAME_SAMPLES, Frame, Pause, StreamError, SttEvent
 from live_transcription.stt.modal import ModalEngine, ModalProtocol
+from live_transcription.stt.moshi import MoshiEngine
 from live_transcription.stt.pool import PoolOptions
 from live_transcription.stt.remote import RemoteOptions, RemoteStream
 from tests.fakes import VOCABULARY, silence_frame, speech
 from tests.fakes.modal_kyutai import FakeModalKyutai
+from tests.fakes.moshi_server import FakeMoshiServer
 from tests.fakes.streams import collect_until, count_words, words
 from tests.waiting import until
 
@@ -27,7 +29,7 @@ OPTIONS = RemoteOptions(backoff_jitter=0.0)
 BOUND = OPTIONS.stall_seconds + ModalProtocol.delay_frames * 0.08
 """No answer for this long to audio sent: the connection is given up."""
 
-_ENGINES: list[ModalEngine] = []
+_ENGINES: list[ModalEngine | MoshiEngine] = []
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +188,26 @@ async def test_stalls_of_one_episode_are_logged_once(caplog: pytest.LogCaptureFi
         assert engine.pool().stalled == 2
         warnings = [r for r in caplog.records if "stopped answering" in r.getMessage()]
         assert len(warnings) == 1
+
+
+async def test_moshi_a_connection_without_steps_is_left_and_the_replay_loses_no_word() -> None:
+    """moshi-server answers every frame with a step: a connection that sends
+    nothing at all is stalled, and the words replayed on the new connection
+    (exact start times) are each delivered once."""
+    clock = ManualClock()
+    ids = list(range(8))
+    async with FakeMoshiServer(silent_connections=frozenset({1})) as fake:
+        engine = MoshiEngine(fake.url, "test-key", clock=clock, options=OPTIONS, pool=PoolOptions(headroom=0))
+        _ENGINES.append(engine)
+        async with engine.open_stream("en") as stream:
+            assert isinstance(stream, RemoteStream)
+            for frame in speech(ids):
+                stream.push(frame)
+            await until(lambda: fake.frames_received >= 32, deadline=DEADLINE)
+            clock.skip(BOUND)
+            events = await collect_until(stream, count_words(6))  # before any pause
+            assert stream.stalls == 1
+            stream.end_of_speech()  # the marker's return ends the flush
+            events += await collect_until(stream, lambda e: isinstance(e[-1], Pause))
+        assert words(events) == [VOCABULARY[i] for i in ids]
+        assert stalls(events) == 1 and fake.connections == 2
