@@ -279,8 +279,8 @@ async def test_captions_survive_stt_faults(monkeypatch: pytest.MonkeyPatch) -> N
             APP_SECRET="x",
             LT_ROOM_LINGER_SECONDS=1,
             # the looping speech has no pause the audio gate ends an utterance
-            # at: lines are finalised by length, every 3 s
-            LT_MAX_CAPTION_SECONDS=3,
+            # at: lines are finalised by length, every 2 s
+            LT_MAX_CAPTION_SECONDS=2,
         )
         engine = ModalEngine(
             fake.url,
