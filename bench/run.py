@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.fakes.energy import EnergyWords
 
 from bench import analysis, meeting, report, stages
 from bench.latency import WordMap, word_map_from_events
 from bench.patterns import Pattern, build_pattern
 from bench.procstat import ProcessSampler, Sample, cpu_percent, percentile, slope
 from bench.profile import PY_SPY, record_command
-from bench.stt_server import EnergyWords
 from bench.tls import LocalTls, make_local_tls
 
 log = logging.getLogger("bench")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bench.stt_server import EnergyWords, Load
+from bench.stt_server import Load
+
+from tests.fakes.energy import EnergyWords
 
 VOICED = np.full(1920, 0.1, dtype=np.float32)
 SILENT = np.zeros(1920, dtype=np.float32)
