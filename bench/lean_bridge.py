@@ -199,8 +199,12 @@ class SendTicker:
         return self._times[tick % TICK_RING]
 
     def _fire(self) -> None:
-        loop = self._loop
-        now = loop.time()
+        self.send_tick(self._loop.time())
+        self._handle = self._loop.call_at(self._base + (self.tick + 1) * self.step, self._fire)
+
+    def send_tick(self, now: float) -> None:
+        """Send the next logical tick: one packet of every stream of its
+        phase, and the sender reports that are due."""
         tick = self.tick + 1
         lag = now - (self._base + tick * self.step)
         self.lag_max = max(self.lag_max, lag)
@@ -234,7 +238,6 @@ class SendTicker:
                 self.reports_sent += 1
             except (OSError, pylibsrtp.Error):
                 self.report_errors += 1
-        self._handle = loop.call_at(self._base + (tick + 1) * self.step, self._fire)
 
 
 # --- one stream -------------------------------------------------------------------------
