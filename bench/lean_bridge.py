@@ -199,8 +199,10 @@ class SendTicker:
         return self._times[tick % TICK_RING]
 
     def _fire(self) -> None:
-        self.send_tick(self._loop.time())
-        self._handle = self._loop.call_at(self._base + (self.tick + 1) * self.step, self._fire)
+        try:
+            self.send_tick(self._loop.time())
+        finally:
+            self._handle = self._loop.call_at(self._base + (self.tick + 1) * self.step, self._fire)
 
     def send_tick(self, now: float) -> None:
         """Send the next logical tick: one packet of every stream of its
@@ -221,21 +223,21 @@ class SendTicker:
         # the hot loop: one sendto per stream; packets were built and
         # protected ahead, in batches (``refill``)
         for stream in self._buckets[phase]:
-            k = stream.cursor
-            if k == stream.ready_len:
-                stream.refill()
-                k = 0
-            stream.cursor = k + 1
             try:
+                k = stream.cursor
+                if k == stream.ready_len:
+                    stream.refill()
+                    k = 0
+                stream.cursor = k + 1
                 stream.sendto(stream.ready[k], stream.addr)
-            except OSError:
-                # a full socket buffer (EAGAIN) or a closed peer: lost, as on a network
+            except (OSError, pylibsrtp.Error):
+                # a full socket buffer (EAGAIN), a closed peer, an SRTP
+                # session that refused: the packet is lost, as on a network
                 errors += 1
         self.send_errors += errors
         for stream in self._reports[phase][(tick // self.phases) % REPORT_EVERY_PACKETS]:
             try:
-                stream.send_report(now)
-                self.reports_sent += 1
+                self.reports_sent += stream.send_report(now)
             except (OSError, pylibsrtp.Error):
                 self.report_errors += 1
 
@@ -373,11 +375,12 @@ class LeanStream:
         elif self._hushes and self._hushes[-1][1] is None:
             self._hushes[-1] = (self._hushes[-1][0], sent)
 
-    def send_report(self, now: float) -> None:
-        """An RTCP sender report for what was sent so far, SRTCP-protected."""
+    def send_report(self, now: float) -> bool:
+        """An RTCP sender report for what was sent so far, SRTCP-protected;
+        none before the first packet."""
         sent = self.sent
         if sent == 0:
-            return
+            return False
         last = sent - 1
         sent_at = self.ticker.time_of_tick(self.first_tick + last * self.ticker.phases)
         rtp_timestamp = self.packetizer.timestamp(last) + int(
@@ -393,6 +396,7 @@ class LeanStream:
             cname=self.cname,
         )
         self.sendto(self.srtp.protect_rtcp(report), self.addr)
+        return True
 
     def stopped(self) -> None:
         """The ticker no longer sends this stream: its counts stop here."""
