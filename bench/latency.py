@@ -17,9 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+
+class PacketTimes(Protocol):
+    """When a stream's packets were sent, by index from 0 (``SendLog``, or a
+    lean stream that derives it from its generator's tick log)."""
+
+    @property
+    def sent(self) -> int: ...
+
+    def time_of(self, index: int) -> float | None: ...
 
 
 class SendLog:
@@ -69,7 +80,7 @@ def first_talk_index(offset: int, period: int) -> int:
     return (period - offset) % period
 
 
-def current_utterance(log: SendLog, offset: int, period: int, arrived: float) -> int | None:
+def current_utterance(log: PacketTimes, offset: int, period: int, arrived: float) -> int | None:
     """The newest utterance (loop) whose first talk packet was sent no later
     than ``arrived``."""
     first = first_talk_index(offset, period)
@@ -119,7 +130,7 @@ class WordLatency:
         self._speakers.pop(speaker, None)
 
     def on_transcript(
-        self, speaker: str, text: str, *, final: bool, arrived: float, log: SendLog, offset: int
+        self, speaker: str, text: str, *, final: bool, arrived: float, log: PacketTimes, offset: int
     ) -> int:
         """Account one transcript message; returns how many latencies it added."""
         state = self._speakers.setdefault(speaker, _SpeakerState())
@@ -167,7 +178,7 @@ class WordLatency:
         *,
         final: bool,
         arrived: float,
-        log: SendLog,
+        log: PacketTimes,
         onsets: Sequence[int],
         unmeasured: Collection[int] = (),
     ) -> int:
@@ -232,7 +243,7 @@ class WordLatency:
         return taken
 
 
-def newest_onset(log: SendLog, onsets: Sequence[int], arrived: float) -> int | None:
+def newest_onset(log: PacketTimes, onsets: Sequence[int], arrived: float) -> int | None:
     """The newest utterance onset (packet index) sent no later than ``arrived``."""
     for onset in reversed(onsets):
         sent_at = log.time_of(onset)

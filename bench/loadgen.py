@@ -16,6 +16,12 @@ over stdin/stdout, one JSON object per line. It holds:
 * a stub of Nextcloud's signaling-settings route (no STUN/TURN) for the
   service's ICE server lookup.
 
+``--generator lean`` replaces the last two: aiortc makes the peer
+connections and runs ICE and DTLS, then a ``LeanBridge`` sends SRTP packets
+protected ahead of time on one ``SendTicker`` (``bench.lean_bridge``), at a
+fraction of aiortc's cost per stream. Same patterns, same commands, same
+counts.
+
 Commands (``{"id": n, "cmd": ...}``, answered with ``{"id": n, ...}``):
 ``room`` (create a room with one caption target), ``speakers`` (add
 publishers in call with audio), ``remove`` (participants leave),
@@ -48,6 +54,7 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpsender import RTCEncodedFrame
 
 from bench.latency import SendLog, WordLatency, WordMap
+from bench.lean_bridge import DEFAULT_AHEAD, LeanBridge, LeanStream, SendTicker
 from bench.meeting import MixShape, talk_schedule
 from bench.patterns import PACKET_MS, PACKET_SAMPLES, Pattern, build_pattern
 from live_transcription.hpb.protocol import IN_CALL, WITH_AUDIO
@@ -58,6 +65,7 @@ log = logging.getLogger("bench.loadgen")
 Json = dict[str, Any]
 SPEAKER_FLAGS = IN_CALL | WITH_AUDIO | 4  # in call, audio, video (a browser's 7)
 TARGET_FLAGS = IN_CALL  # listening, no microphone: not a speaker itself
+GENERATORS = ("aiortc", "lean")
 MEASURABLE_GAP_PACKETS = 50
 """An utterance whose word latency is matched starts after 1 s of silence at
 least: the service's gate (600 ms speech end) has closed and frames restart
@@ -316,6 +324,9 @@ class DirectBridge:
     def connected(self) -> int:
         return sum(1 for s in self._subscriptions.values() if s.pc.connectionState == "connected")
 
+    def is_up(self, sub: Subscription) -> bool:
+        return sub.pc.connectionState == "connected"
+
     async def request_offer(self, subscriber: str, publisher: str) -> tuple[str, str]:
         spec = self._publishers.get(publisher)
         if spec is None:
@@ -431,8 +442,14 @@ class LoadGenerator:
         patterns: dict[str, Pattern],
         *,
         levels: bool = True,
+        generator: str = "aiortc",
+        ahead: int = DEFAULT_AHEAD,
     ) -> None:
+        if generator not in GENERATORS:
+            raise ValueError(f"generator: one of {', '.join(GENERATORS)}")
         self.levels = levels
+        self.generator = generator
+        self.ahead = ahead
         self._shown: dict[str, int] = {}
         self.internal_secret = internal_secret
         self.patterns = patterns
@@ -443,14 +460,14 @@ class LoadGenerator:
         self._speaker_kind: dict[str, str] = {}
         self._rooms: dict[str, list[str]] = {}
         self._names = itertools.count(1)
-        self._ticker: Ticker | None = None
-        self._bridge: DirectBridge | None = None
+        self._ticker: Ticker | SendTicker | None = None
+        self._bridge: DirectBridge | LeanBridge | None = None
         self._emulator: MeasuringEmulator | None = None
         self.nextcloud_port = 0
         self.gc_pauses = GcPauses()
 
     @property
-    def bridge(self) -> DirectBridge:
+    def bridge(self) -> DirectBridge | LeanBridge:
         assert self._bridge is not None
         return self._bridge
 
@@ -480,15 +497,16 @@ class LoadGenerator:
         if sub is None or self.word_latency is None:
             self.counters.transcripts_unknown_speaker += sub is None
             return
-        if isinstance(sub.track, ScheduledTrack):
+        track = sub.track
+        if isinstance(track, ScheduledTrack) or (isinstance(track, LeanStream) and track.scheduled):
             self.counters.words_seen += self.word_latency.on_turn_transcript(
                 speaker,
                 text,
                 final=final,
                 arrived=arrived,
-                log=sub.track.log,
-                onsets=sub.track.onsets,
-                unmeasured=sub.track.unmeasured,
+                log=track.log,
+                onsets=track.onsets,
+                unmeasured=track.unmeasured,
             )
             return
         self.counters.words_seen += self.word_latency.on_transcript(
@@ -501,10 +519,16 @@ class LoadGenerator:
         )
 
     async def run(self, max_seconds: float) -> None:
-        self._ticker = Ticker()
+        if self.generator == "lean":
+            lean = SendTicker(ahead=self.ahead)
+            self._ticker = lean
+            self._bridge = LeanBridge(lean, levels=self.levels)
+        else:
+            ticker = Ticker()
+            self._ticker = ticker
+            self._bridge = DirectBridge(ticker, levels=self.levels)
         self._ticker.start()
         self.gc_pauses.install()
-        self._bridge = DirectBridge(self._ticker, levels=self.levels)
         runner = web.AppRunner(_nextcloud_stub())
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -691,9 +715,14 @@ class LoadGenerator:
 
     def _members_connected(self, members: list[str]) -> int:
         count = 0
+        bridge = self.bridge
         for sid in members:
-            sub = self.bridge.subscription_of(sid)
-            count += sub is not None and sub.pc.connectionState == "connected"
+            if isinstance(bridge, LeanBridge):
+                lean = bridge.subscription_of(sid)
+                count += lean is not None and bridge.is_up(lean)
+            else:
+                sub = bridge.subscription_of(sid)
+                count += sub is not None and bridge.is_up(sub)
         return count
 
     async def _wait_members(self, members: list[str], deadline_seconds: float) -> int:
@@ -758,7 +787,14 @@ class LoadGenerator:
             "gc_full_collections": self.gc_pauses.full,
             "gc_pause_total_ms": round(self.gc_pauses.total * 1000, 1),
             "gc_pause_max_ms": round(self.gc_pauses.longest * 1000, 1),
+            "generator": self.generator,
         }
+        if isinstance(ticker, SendTicker):
+            result |= {
+                "send_errors": ticker.send_errors,
+                "reports_sent": ticker.reports_sent,
+                "report_errors": ticker.report_errors,
+            }
         if reset:
             for sub in self.bridge.subscriptions.values():
                 sub.track.talk_packets = sub.track.utterances = 0
@@ -801,6 +837,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--word-map", default="", help="JSON {period, word_packets}")
     parser.add_argument("--max-seconds", type=float, default=3600.0)
     parser.add_argument("--no-levels", action="store_true", help="send no RFC 6464 audio level")
+    parser.add_argument(
+        "--generator",
+        choices=GENERATORS,
+        default="aiortc",
+        help="aiortc: aiortc's sender per stream; lean: aiortc for ICE/DTLS, then pre-protected"
+        " SRTP on one tick (bench.lean_bridge)",
+    )
+    parser.add_argument(
+        "--ahead", type=int, default=DEFAULT_AHEAD, help="lean: packets protected per batch and stream"
+    )
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="event loop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     patterns = {
@@ -813,8 +860,21 @@ def main(argv: list[str] | None = None) -> int:
         word_map = WordMap(
             int(raw["period"]), tuple(tuple(int(p) for p in words) for words in raw["utterances"])
         )
-    generator = LoadGenerator(args.internal_secret, word_map, patterns, levels=not args.no_levels)
-    asyncio.run(generator.run(args.max_seconds))
+    generator = LoadGenerator(
+        args.internal_secret,
+        word_map,
+        patterns,
+        levels=not args.no_levels,
+        generator=args.generator,
+        ahead=args.ahead,
+    )
+    if args.loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(generator.run(args.max_seconds))
+    else:
+        asyncio.run(generator.run(args.max_seconds))
     return 0
 
 

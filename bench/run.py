@@ -46,6 +46,7 @@ from tests.fakes.energy import EnergyWords
 
 from bench import analysis, meeting, report, stages
 from bench.latency import WordMap, word_map_from_events
+from bench.lean_bridge import DEFAULT_AHEAD, MAX_AHEAD
 from bench.patterns import Pattern, build_pattern
 from bench.procstat import ProcessSampler, Sample, cpu_percent, percentile, slope
 from bench.profile import PY_SPY, record_command
@@ -63,6 +64,9 @@ ENGINES = ("modal", "moshi", "instant")
 TALK_MS = 3000
 PAUSE_MS = 1500
 WORD_MAP_LOOPS = 13
+GENERATORS = ("aiortc", "lean")
+LEAN_LOOP = "uvloop"
+"""The lean generator's event loop (the aiortc one keeps the standard loop)."""
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -102,6 +106,10 @@ class Options:
     seed: int = 1
     settle: float = 4.0
     profile_native: bool = False
+    generator: str = "aiortc"
+    """``bench.loadgen --generator``: aiortc's sender per stream, or the lean one."""
+    generator_ahead: int = DEFAULT_AHEAD
+    """The lean generator's packets protected per batch and stream."""
 
 
 def _free_port() -> int:
@@ -190,13 +198,23 @@ class LoadGen(JsonLinesChild):
     log_name = "loadgen.log"
 
     def __init__(
-        self, secret: str, word_map: WordMap | None, work: Path, max_seconds: float, *, levels: bool = True
+        self,
+        secret: str,
+        word_map: WordMap | None,
+        work: Path,
+        max_seconds: float,
+        *,
+        levels: bool = True,
+        generator: str = "aiortc",
+        ahead: int = DEFAULT_AHEAD,
     ) -> None:
         super().__init__(work)
         self._secret = secret
         self._word_map = word_map
         self._max_seconds = max_seconds
         self._levels = levels
+        self._generator = generator
+        self._ahead = ahead
         self.hpb_port = 0
         self.nextcloud_url = ""
 
@@ -213,7 +231,11 @@ class LoadGen(JsonLinesChild):
             str(PAUSE_MS),
             "--max-seconds",
             str(self._max_seconds),
+            "--generator",
+            self._generator,
         ]
+        if self._generator == "lean":
+            args += ["--loop", LEAN_LOOP, "--ahead", str(self._ahead)]
         if self._word_map is not None:
             args += ["--word-map", json.dumps(asdict(self._word_map))]
         if not self._levels:
@@ -740,7 +762,15 @@ async def production_stack(
             tls = make_local_tls(opts.work / "tls")
             fake = await exits.enter_async_context(FakeStt(engine, tls, opts))
         loadgen = await exits.enter_async_context(
-            LoadGen(secret, word_map, opts.work, opts.max_seconds, levels=levels)
+            LoadGen(
+                secret,
+                word_map,
+                opts.work,
+                opts.max_seconds,
+                levels=levels,
+                generator=opts.generator,
+                ahead=opts.generator_ahead,
+            )
         )
         env = fake.service_env() if fake is not None else None
         service = await exits.enter_async_context(
@@ -1244,6 +1274,19 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         "--settle", type=float, default=4.0, help="seconds of hush around each window (lost-word count)"
     )
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames; slower)")
+    parser.add_argument(
+        "--generator",
+        choices=GENERATORS,
+        default="aiortc",
+        help="load generator: aiortc (aiortc's sender per stream, ~200 streams per process) or lean"
+        " (aiortc for ICE/DTLS only, then pre-protected SRTP on one tick: bench.lean_bridge)",
+    )
+    parser.add_argument(
+        "--generator-ahead",
+        type=int,
+        default=DEFAULT_AHEAD,
+        help=f"lean generator: packets protected ahead per batch and stream (1-{MAX_AHEAD})",
+    )
     parser.add_argument("--speakers", default="1,10,50,100,150,200", help="active speaker counts")
     parser.add_argument("--silent", default="10,50,100,200", help="silent participant counts")
     parser.add_argument("--per-room", type=int, default=10)
@@ -1278,6 +1321,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     levels = [shape for shape in args.levels.split(",") if shape]
     if not levels or set(levels) - {"present", "absent"}:
         parser.error("--levels: present, absent or present,absent")
+    if not 1 <= args.generator_ahead <= MAX_AHEAD:
+        parser.error(f"--generator-ahead: 1..{MAX_AHEAD}")
     try:
         room_min, room_max = (int(part) for part in args.room_size.split("-"))
     except ValueError:
@@ -1314,6 +1359,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         seed=args.seed,
         settle=args.settle,
         profile_native=args.profile_native,
+        generator=args.generator,
+        generator_ahead=args.generator_ahead,
     )
     if args.from_results:
         opts.work = args.from_results.parent
@@ -1343,7 +1390,10 @@ def reproduce_command(opts: Options) -> str:
         f"--partial-interval-ms {opts.partial_interval_ms}",
         f"--profile-at {opts.profile_at}",
         f"--profile-seconds {opts.profile_seconds:g}",
+        f"--generator {opts.generator}",
     ]
+    if opts.generator == "lean":
+        parts.append(f"--generator-ahead {opts.generator_ahead}")
     if opts.profile_native:
         parts.append("--profile-native")
     if "churn" in opts.scenarios:

@@ -40,9 +40,25 @@ def test_the_printed_command_spells_out_every_option_and_parses_back_the_same() 
     assert command_again == command
 
 
+def test_the_generator_is_chosen_and_spelled_out() -> None:
+    opts, command = parse_args(["--scenario", "meeting"])
+    assert opts.generator == "aiortc" and "--generator aiortc" in command
+    opts, command = parse_args(["--scenario", "meeting", "--generator", "lean", "--generator-ahead", "50"])
+    assert opts.generator == "lean" and "--generator lean --generator-ahead 50" in command
+    again, _ = parse_args([part.strip("'") for part in command.split()[3:]])
+    assert again == opts
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--scenario", "nope"], ["--engine", "whisper"], ["--levels", "loud"], ["--room-size", "5"]],
+    [
+        ["--scenario", "nope"],
+        ["--engine", "whisper"],
+        ["--levels", "loud"],
+        ["--room-size", "5"],
+        ["--generator", "janus"],
+        ["--generator", "lean", "--generator-ahead", "0"],
+    ],
 )
 def test_bad_options_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
