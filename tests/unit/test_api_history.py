@@ -5,6 +5,7 @@ Manager with an in-memory link and a manual clock."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import pytest
 from live_transcription.api.app import Runtime, create_app
 from live_transcription.clock import ManualClock
 from live_transcription.config import load_settings
-from live_transcription.logs import RepeatLimiter
+from live_transcription.logs import LimitedStreamHandler, RepeatLimiter, TextFormatter
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.manager import Manager
 from live_transcription.stt.base import Language
@@ -188,25 +189,28 @@ async def test_openapi_version_and_head_heartbeat(api: Api) -> None:
 
 
 async def test_disable_then_enable_both_logged_through_the_repeat_limiter(api: Api) -> None:
-    limiter = RepeatLimiter(window=3600)
-    passed: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            passed.append(record.getMessage())
-
-    handler = Keep()
-    handler.addFilter(limiter)
+    stream = io.StringIO()
+    handler = LimitedStreamHandler(stream, RepeatLimiter(window=3600))
+    handler.setFormatter(TextFormatter())
     logger = logging.getLogger("live_transcription.api.app")
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        for value in (0, 1, 0, 1):
+        for value in (0, 1, 0, 1, 0, 0, 0):
             await api.client.put(f"/enabled?enabled={value}", headers=auth())
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    app_lines = [line for line in passed if line.startswith("app ")]
-    # within the window each state shows once: the last line is the real state
-    assert app_lines == ["app disabled", "app enabled"]
+        handler.close()
+    app_lines = [line.split(": ", 1)[1] for line in stream.getvalue().splitlines() if ": app " in line]
+    # every change shows, the last state line is the real state, and the
+    # repeated "disabled" is counted (written when the handler closed)
+    assert app_lines == [
+        "app disabled",
+        "app enabled",
+        "app disabled",
+        "app enabled",
+        "app disabled",
+        "app disabled (+1 repeats held back)",
+    ]

@@ -24,7 +24,7 @@ from live_transcription.api.app import OPEN_PATHS, create_app
 from live_transcription.api.http_front import FrontLimits, HttpFront
 from live_transcription.cluster.node import ClusterUnavailable
 from live_transcription.config import ConfigError, Settings, load_settings
-from live_transcription.logs import setup_logging
+from live_transcription.logs import flush_repeats, setup_logging
 from live_transcription.service import running_service
 
 log = logging.getLogger(__name__)
@@ -164,4 +164,6 @@ def serve() -> int:
     except ClusterUnavailable as exc:
         log.error("cannot start: %s (LT_NATS_URL)", exc)
         return 1
+    finally:
+        flush_repeats()  # counts of repeats held back until now are written, not lost
     return 0

@@ -365,7 +365,12 @@ class Room:
             if not self._joined.done():
                 self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
                 self._joined.exception()
-            log.info("room %s closed: %s", _short(self.token), self.closed_reason, extra=fields(self.token))
+            log.info(
+                "room %s closed: %s",
+                _short(self.token),
+                self.closed_reason,
+                extra=fields(self.token) | {"state": "closed"},
+            )
 
     async def _pump(self, link: ports.CallLink) -> None:
         error: str | None = None
