@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from live_transcription.clock import ManualClock
+from live_transcription.hpb.failures import FailureCause
 from live_transcription.rooms import ports
 from live_transcription.rooms.admission import Admission
 from live_transcription.rooms.manager import (
@@ -411,28 +412,39 @@ async def test_leave_before_the_room_task_ran_cancels_the_join(env: Env) -> None
     assert env.manager.joins.report().pending == 0
 
 
-async def test_links_reconnecting_are_one_outage_logged_at_its_start_and_end(
+async def test_reconnect_failures_of_every_room_are_one_outage_logged_at_its_start_and_end(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="live_transcription")
     for token in ("r1", "r2"):
         await env.manager.transcribe(token, "talk-a", True)
     links = [env.links.links[token] for token in ("r1", "r2")]
+    refused = FailureCause("connection-refused", "connection refused")
     for link in links:
         await link.emit(ports.LinkState("reconnecting"))
     await until(lambda: all(room.link_state == "reconnecting" for room in env.manager.rooms()))
-    await env.clock.advance(5)
-    await links[0].emit(ports.LinkState("connected"))
-    await until(
-        lambda: sorted(room.link_state for room in env.manager.rooms()) == ["connected", "reconnecting"]
-    )
-    assert [r.__dict__.get("event") for r in caplog.records if "signaling" in r.getMessage()] == [
-        "hpb-outage"
+    assert not env.manager.joins.outage.ongoing  # a link lost is no outage until an attempt fails
+    outage = env.manager.joins.outage
+    for round_ in range(3):  # every room retries: still one outage
+        if round_:
+            await env.clock.advance(5)
+        for link in links:
+            await link.emit(ports.ReconnectFailed(refused, began=env.clock.now()))
+        await until(lambda: outage.failed_attempts == 2 * (round_ + 1))  # noqa: B023
+    signaling = [r for r in caplog.records if r.__dict__.get("event") == "hpb-outage"]
+    assert [(r.levelname, r.getMessage()) for r in signaling] == [
+        ("WARNING", "cannot reach the signaling server (connection refused): rooms cannot be joined or kept")
     ]
+    await links[0].emit(ports.LinkState("connected"))
+    await until(lambda: not outage.ongoing)
     await links[1].emit(ports.LinkState("connected"))
     await until(lambda: all(room.link_state == "connected" for room in env.manager.rooms()))
-    outage = [(r.levelname, r.getMessage()) for r in caplog.records if "signaling" in r.getMessage()]
-    assert outage == [
-        ("WARNING", "cannot reach the signaling server (connection lost): rooms cannot be joined or kept"),
-        ("INFO", "signaling server reachable again after 5 s (0 failed join(s), 2 room(s) reconnected)"),
+    signaling = [r for r in caplog.records if r.__dict__.get("event") == "hpb-outage"]
+    assert [(r.levelname, r.getMessage()) for r in signaling] == [
+        ("WARNING", "cannot reach the signaling server (connection refused): rooms cannot be joined or kept"),
+        (
+            "INFO",
+            "signaling server reachable again after 10 s "
+            "(0 join(s) and 6 reconnection attempt(s) failed meanwhile)",
+        ),
     ]

@@ -46,6 +46,7 @@ from live_transcription import metrics
 from live_transcription.clock import Clock, MonotonicClock
 from live_transcription.config import Settings
 from live_transcription.hpb import protocol
+from live_transcription.hpb.failures import FailureCause, describe_failure
 from live_transcription.hpb.outbox import Message, Outbox, backoff_delay
 from live_transcription.hpb.participants import ParticipantsState
 from live_transcription.logs import fields, short_token
@@ -57,6 +58,7 @@ from live_transcription.rooms.ports import (
     LocalCandidate,
     OfferFailed,
     OfferReceived,
+    ReconnectFailed,
     SessionReset,
     SpeakerLeft,
 )
@@ -381,7 +383,8 @@ class HpbLink:
                 tasks.create_task(self._read(ws))
                 tasks.create_task(self._write(ws))
         except* _ConnectionLost:
-            log.warning("HPB connection of room %s lost", self._short, extra=self._fields)
+            # told at INFO once the link is back (or as part of the process's outage line)
+            log.debug("HPB connection of room %s lost", self._short, extra=self._fields)
             ws.transport.abort()
 
     async def _read(self, ws: ClientConnection) -> None:
@@ -412,8 +415,13 @@ class HpbLink:
             self._progress.set()
 
     async def _reconnect(self) -> ClientConnection:
+        """Reconnect until it works. Each failed attempt goes to the room as
+        ``ReconnectFailed`` (the process logs an HPB outage once, not per room
+        and attempt): this room's own lines are DEBUG then, and INFO only for
+        a loss that no failed attempt reported (a blip)."""
         lost_at = self._clock.now()
         attempt = 0
+        failed = 0
         while True:
             if attempt:  # the first attempt is immediate: most drops are blips
                 await self._clock.sleep(
@@ -425,50 +433,71 @@ class HpbLink:
                     )
                 )
             attempt += 1
+            began = self._clock.now()
             try:
                 ws = await self._connect()
             except HpbUnavailable as exc:
-                _RECONNECTS["failed"].inc()
-                log.warning(
-                    "HPB reconnect %d of room %s failed: %s", attempt, self._short, exc, extra=self._fields
-                )
+                failed += 1
+                await self._attempt_failed(attempt, began, exc, describe_failure(exc))
                 continue
+            level = logging.INFO if failed == 0 else logging.DEBUG
             try:
                 resumable = self._clock.now() - lost_at < self._cfg.resume_window
                 if self._resume_id and resumable and await self._resume(ws):
                     self.resumes += 1
                     _RECONNECTS["resumed"].inc()
-                    log.info("HPB session of room %s resumed", self._short, extra=self._fields)
+                    log.log(
+                        level,
+                        "HPB connection of room %s lost, then resumed after %.1f s",
+                        self._short,
+                        self._clock.now() - lost_at,
+                        extra=self._fields | {"event": "hpb-link", "state": "resumed"},
+                    )
                     return ws
                 await self._hello(ws)
-                await self._session_reset()
+                await self._session_reset(level)
                 await self._join(ws)
                 _RECONNECTS["new-session"].inc()
                 return ws
-            except _TooManyRequests:
-                _RECONNECTS["failed"].inc()
-                log.warning("HPB says too many requests: backing off longer", extra=self._fields)
-                attempt += self._cfg.too_many_requests_penalty
+            except _TooManyRequests as exc:
+                failed += 1
+                too_many = FailureCause("refused-by-hpb", "too many requests")
+                await self._attempt_failed(attempt, began, exc, too_many)
+                attempt += self._cfg.too_many_requests_penalty  # back off longer
             except (HpbUnavailable, ConnectionClosed, TimeoutError, OSError) as exc:
-                _RECONNECTS["failed"].inc()
-                log.warning(
-                    "HPB reconnect %d of room %s failed: %r", attempt, self._short, exc, extra=self._fields
-                )
+                failed += 1
+                await self._attempt_failed(attempt, began, exc, describe_failure(exc))
             except BaseException:
                 ws.transport.abort()
                 raise
             ws.transport.abort()
 
-    async def _session_reset(self) -> None:
+    async def _attempt_failed(
+        self, attempt: int, began: float, error: BaseException, cause: FailureCause
+    ) -> None:
+        _RECONNECTS["failed"].inc()
+        log.debug(
+            "HPB reconnect %d of room %s failed (%s): %r",
+            attempt,
+            self._short,
+            cause.words,
+            error,
+            extra=self._fields,
+        )
+        await self._emit(ReconnectFailed(cause, began))
+
+    async def _session_reset(self, level: int) -> None:
         """Forget what belonged to the old session, before the new one joins."""
         self.session_resets += 1
         stale = self._outbox.clear_control()
         self._offer_requests.clear()
-        log.warning(
-            "HPB session of room %s was replaced; %d queued control messages dropped",
+        log.log(
+            level,
+            "HPB session of room %s was replaced (the HPB had forgotten it); "
+            "%d queued control messages dropped",
             self._short,
             stale,
-            extra=self._fields,
+            extra=self._fields | {"event": "hpb-link", "state": "replaced"},
         )
         await self._emit_all(self._state.reset(self._session_id))
         self._requested.clear()

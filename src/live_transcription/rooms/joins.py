@@ -2,10 +2,9 @@
 from the rooms that exist now (a room whose join failed is gone at once).
 
 Owned by the Manager (one event loop, no awaits inside). Time comes from the
-injected clock. An HPB outage (joins failing since the last success, or
-rooms' links reconnecting) is logged once as a WARNING with its cause when
-it starts and once as an INFO when it is over (a join succeeded and no link
-is reconnecting); what happens in between is counted, not logged here.
+injected clock. Joins and the rooms' reconnection attempts also feed the
+process's ``OutageTracker``: an HPB outage is logged once when it starts
+(with its cause) and once when it ends, whatever the number of rooms.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from live_transcription import metrics
 from live_transcription.clock import Clock
 from live_transcription.hpb.failures import FailureCause, describe_failure
+from live_transcription.rooms import ports
+from live_transcription.rooms.outage import OutageTracker, log_transition
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ class JoinHistory:
         self._streak_started: float | None = None
         self._last_failure: float | None = None
         self._last_cause: FailureCause | None = None
-        self._reconnecting: set[object] = set()
-        self._outage_since: float | None = None
-        self._reconnected = 0
+        self.outage = OutageTracker(clock)
 
     def started(self, join: object) -> None:
         self._pending[join] = self._clock.now()
@@ -73,51 +72,24 @@ class JoinHistory:
         """Record a join; False when it was no longer pending (abandoned)."""
         if self._pending.pop(join, None) is None:
             return False
-        failures = self._streak_failures
         self._streak_failures = 0
         self._streak_started = self._last_failure = None
         self._last_cause = None
-        self._outage_maybe_over(failures)
+        log_transition(self.outage.succeeded())
         return True
 
-    def link_state(self, room: object, state: str) -> None:
-        """A joined room's HPB link changed state (``reconnecting``,
-        ``connected``, ``closed``)."""
-        if state == "reconnecting":
-            self._reconnecting.add(room)
-            self._outage_begins(FailureCause("connection-lost", "connection lost"))
-        elif room in self._reconnecting:
-            self._reconnecting.discard(room)
-            if state == "connected":  # a room closed while reconnecting proves nothing
-                self._reconnected += 1
-                self._outage_maybe_over(0)
-
-    def _outage_begins(self, cause: FailureCause) -> None:
-        if self._outage_since is not None:
-            return
-        self._outage_since = self._clock.now()
-        self._reconnected = 0
-        log.warning(
-            "cannot reach the signaling server (%s): rooms cannot be joined or kept",
-            cause.words,
-            extra={"event": "hpb-outage", "cause": cause.kind},
-        )
-
-    def _outage_maybe_over(self, failures: int) -> None:
-        if self._outage_since is None or self._reconnecting or self._streak_started is not None:
-            return
-        log.info(
-            "signaling server reachable again after %.0f s (%d failed join(s), %d room(s) reconnected)",
-            self._clock.now() - self._outage_since,
-            failures,
-            self._reconnected,
-            extra={"event": "hpb-outage-end"},
-        )
-        self._outage_since = None
+    def link_event(self, room: object, event: ports.LinkState | ports.ReconnectFailed) -> None:
+        """A joined room's HPB link changed state or failed an attempt to reconnect."""
+        match event:
+            case ports.ReconnectFailed(cause=cause, began=began):
+                log_transition(self.outage.failed("reconnect", cause, began=began))
+            case ports.LinkState(state="connected"):
+                log_transition(self.outage.succeeded())
 
     def failed(self, join: object, error: BaseException) -> FailureCause | None:
         """Record a failed join; None when it was no longer pending."""
-        if self._pending.pop(join, None) is None:
+        began = self._pending.pop(join, None)
+        if began is None:
             return None
         now = self._clock.now()
         cause = describe_failure(error)
@@ -128,7 +100,7 @@ class JoinHistory:
             self._streak_failures = 0
         if self._streak_started is None:
             self._streak_started = now
-        self._outage_begins(cause)
+        log_transition(self.outage.failed("join", cause, began=began))
         self._streak_failures += 1
         self._last_failure = now
         self._last_cause = cause

@@ -371,7 +371,7 @@ class Manager:
             admission=self.admission,
             clock=self._clock,
             linger_seconds=self._linger_seconds,
-            on_link_state=self.joins.link_state,
+            on_link_event=self.joins.link_event,
             translation=self.translation,
             on_record=None if self.observer is None else self._record_changed,
         )

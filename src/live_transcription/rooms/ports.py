@@ -14,6 +14,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from live_transcription.hpb.failures import FailureCause
+
 
 @dataclass(frozen=True, slots=True)
 class SpeakerJoined:
@@ -87,6 +89,16 @@ class LinkState:
     state: Literal["connected", "reconnecting", "closed"]
 
 
+@dataclass(frozen=True, slots=True)
+class ReconnectFailed:
+    """An attempt to reconnect the link failed (the link tries again after a
+    backoff). ``began``: when the attempt began, on the process's monotonic
+    clock."""
+
+    cause: FailureCause
+    began: float
+
+
 CallEvent = (
     SpeakerJoined
     | SpeakerLeft
@@ -97,6 +109,7 @@ CallEvent = (
     | CallEnded
     | SessionReset
     | LinkState
+    | ReconnectFailed
 )
 
 

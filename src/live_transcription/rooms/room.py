@@ -139,7 +139,9 @@ class Room:
         admission: Admission,
         clock: Clock,
         linger_seconds: float,
-        on_link_state: Callable[[Room, str], None] = lambda room, state: None,
+        on_link_event: Callable[[Room, ports.LinkState | ports.ReconnectFailed], None] = (
+            lambda room, event: None
+        ),
         translation: TranslationSetup | None = None,
         on_record: Callable[[Room], None] | None = None,
     ) -> None:
@@ -150,7 +152,7 @@ class Room:
         self._admission = admission
         self._clock = clock
         self._linger_seconds = linger_seconds
-        self._on_link_state = on_link_state
+        self._on_link_event = on_link_event
         self._on_record = on_record
         """Told when the targets or the language change (a cluster keeps them
         with the room's lease); None in a single process."""
@@ -361,7 +363,7 @@ class Room:
             self._translations = None
             self._link = None
             self.link_state = "closed"
-            self._on_link_state(self, "closed")
+            self._on_link_event(self, ports.LinkState("closed"))
             if not self._joined.done():
                 self._joined.set_exception(ports.HpbUnavailable("room closed before joining"))
                 self._joined.exception()
@@ -496,7 +498,9 @@ class Room:
             case ports.LinkState(state):
                 self.link_state = state
                 self._pending_with_captions_since = None  # counted from connected
-                self._on_link_state(self, state)
+                self._on_link_event(self, item)
+            case ports.ReconnectFailed():
+                self._on_link_event(self, item)
         return None
 
     def _record_changed(self) -> None:
