@@ -11,12 +11,22 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from live_transcription.api.app import Runtime, create_app
+from live_transcription.clock import ManualClock
 from live_transcription.config import load_settings
+from live_transcription.hpb.connection import HpbLinkFactory
+from live_transcription.rooms.admission import Admission
+from live_transcription.rooms.manager import Manager
 from live_transcription.service import running_service
 from live_transcription.sim.client import SimClient
 from live_transcription.sim.emulator import HpbEmulator
+from live_transcription.stt.base import Language
+from tests.fake_link import SpeakerFactory
+from tests.integration.test_faults_sigterm import APP_SECRET
+from tests.integration.test_faults_sigterm import auth as app_api_auth
 from tests.integration.test_faults_support import (
     BACKEND,
     DEADLINE,
@@ -132,6 +142,153 @@ async def test_hpb_restart_starts_a_new_session_and_resubscribes(
             await until(lambda: manager.rooms()[0].speakers == 2, deadline=DEADLINE)
             assert call.runtime.health()[0].status == "ok"
             assert (await _leave(manager)) is True
+
+
+async def test_an_hpb_outage_is_one_warning_and_one_info_whatever_the_rooms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HPB stopped under four open rooms, every room retrying, then
+    restarted: the log has one WARNING with the cause and one INFO, nothing
+    per room and attempt above DEBUG; captions reach the viewer again."""
+    caplog.set_level(logging.INFO)
+    quiet_rooms = ["quiet1", "quiet2", "quiet3"]
+    async with captioned_call(tmp_path, monkeypatch, ROOM) as call:
+        manager = call.runtime.manager
+        hpb = call.hpb
+        rooms = [ROOM, *quiet_rooms]
+        async with SimClient(hpb.url, ROOM, "talk-viewer") as viewer:
+            await manager.transcribe(ROOM, "talk-viewer", True, "en")
+            for token in quiet_rooms:
+                await manager.transcribe(token, f"talk-{token}", True, "en")
+            await viewer.wait_for(lambda: finals(viewer.transcripts(), "alice") >= 1, deadline=DEADLINE)
+            failed_before = metric("live_transcription_hpb_reconnects_total", {"outcome": "failed"})
+            caplog.clear()
+
+            await hpb.stop()
+            outage = manager.joins.outage
+            # every room tries at least twice while the HPB is down
+            await until(lambda: outage.failed_attempts >= 2 * len(rooms), deadline=DEADLINE)
+            assert call.runtime.health()[0].status == "failing"
+            await hpb.start()
+
+        async with SimClient(hpb.url, ROOM, "talk-viewer") as viewer:
+            await until(lambda: not outage.ongoing, deadline=DEADLINE)
+            await hpb.wait_for(
+                lambda: all(len(hpb.sessions_in_room(token, internal=True)) == 1 for token in rooms),
+                DEADLINE,
+            )
+            await viewer.wait_for(
+                lambda: (
+                    finals(viewer.transcripts(), "alice") >= 1 and finals(viewer.transcripts(), "bob") >= 1
+                ),
+                deadline=DEADLINE,
+            )
+            await until(
+                lambda: all(room.link_state == "connected" for room in manager.rooms()), deadline=DEADLINE
+            )
+            await until(lambda: call.runtime.health()[0].status == "ok", deadline=DEADLINE)
+            failed = metric("live_transcription_hpb_reconnects_total", {"outcome": "failed"}) - failed_before
+            assert failed >= 2 * len(rooms)
+
+            ours = [r for r in caplog.records if r.name.startswith("live_transcription.")]
+            ours = [r for r in ours if not r.name.startswith("live_transcription.sim")]
+            warnings = [(r.levelname, r.getMessage()) for r in ours if r.levelno >= logging.WARNING]
+            assert warnings == [
+                (
+                    "WARNING",
+                    "cannot reach the signaling server (connection refused): rooms cannot be joined or kept",
+                )
+            ]
+            ends = [r.getMessage() for r in ours if r.__dict__.get("state") == "ended"]
+            assert len(ends) == 1
+            assert ends[0].startswith("signaling server reachable again after ")
+            attempts = int(ends[0].split("(0 join(s) and ")[1].split(" reconnection")[0])
+            assert attempts >= 2 * len(rooms)
+            # no room logged its own attempts, failed or not, above DEBUG
+            per_room = [r.getMessage() for r in ours if r.__dict__.get("event") != "hpb-outage"]
+            assert not [m for m in per_room if "HPB reconnect" in m or "HPB connection of room" in m]
+            assert not [m for m in per_room if "HPB session of room" in m]
+            await manager.leave(ROOM)
+            for token in quiet_rooms:
+                await manager.leave(token)
+            await until(lambda: manager.rooms() == [], deadline=DEADLINE)
+
+
+async def test_health_with_the_hpb_refusing_joins_is_degraded_then_failing_then_ok_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Joins over real sockets to an HPB that is down (connection refused),
+    health read through the HTTP API; the minute of failures on a manual clock."""
+    caplog.set_level(logging.INFO)
+    secret = secrets.token_hex(8)
+    clock = ManualClock()
+    async with HpbEmulator(secret, BACKEND) as hpb:
+        settings = load_settings(
+            APP_SECRET=APP_SECRET,
+            LT_HPB_URL=hpb.url,
+            LT_INTERNAL_SECRET=secret,
+            NEXTCLOUD_URL=BACKEND,
+            LT_STT_ENGINE="instant",
+        )
+        manager = Manager(
+            link_factory=HpbLinkFactory.from_settings(settings),
+            speaker_factory=SpeakerFactory(),
+            languages={"en": Language("en", "English")},
+            admission=Admission(max_speakers=10, max_speakers_per_room=5),
+            join_timeout=DEADLINE,
+            clock=clock,
+        )
+        async with manager:
+            app = create_app(Runtime(settings=settings, manager=manager, engine_name="instant"))
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://exapp") as client:
+
+                async def enable(room: str) -> httpx.Response:
+                    body = {"roomToken": room, "ncSessionId": f"talk-{room}", "enable": True}
+                    return await client.post("/api/v1/call/transcribe", headers=app_api_auth(), json=body)
+
+                async def health() -> tuple[int, str, list[str]]:
+                    reply = await client.get("/healthz")
+                    body = reply.json()
+                    return reply.status_code, body["status"], body["reasons"]
+
+                assert await health() == (200, "ok", [])
+                await hpb.stop()
+                refused = await enable("room1")
+                assert refused.status_code == 503
+                assert refused.json() == {"error": "cannot reach the signaling server (connection refused)"}
+                assert await health() == (
+                    200,
+                    "degraded",
+                    ["1 HPB join(s) failed in the last 60 s (connection refused)"],
+                )
+                for room in ("room2", "room3"):
+                    await clock.advance(31)
+                    assert (await enable(room)).status_code == 503
+                status, state, reasons = await health()
+                assert (status, state) == (503, "failing")
+                assert reasons == ["every HPB join failed for 62 s (connection refused)"]
+                assert (await client.get("/readyz")).status_code == 503
+
+                await hpb.start()
+                joined = await enable("room1")
+                assert joined.status_code == 200, joined.text
+                assert len(hpb.sessions_in_room("room1", internal=True)) == 1
+                assert await health() == (200, "ok", [])
+                assert (await client.get("/readyz")).status_code == 200
+                await manager.leave("room1")
+                await until(lambda: manager.rooms() == [], deadline=DEADLINE)
+    outage = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.__dict__.get("event") == "hpb-outage"
+    ]
+    assert outage == [
+        ("WARNING", "cannot reach the signaling server (connection refused): rooms cannot be joined or kept"),
+        (
+            "INFO",
+            "signaling server reachable again after 62 s "
+            "(3 join(s) and 0 reconnection attempt(s) failed meanwhile)",
+        ),
+    ]
 
 
 async def _leave(manager: Any) -> bool:

@@ -340,3 +340,60 @@ async def test_a_second_sigterm_ends_the_grace_at_once(tmp_path: Path) -> None:
     messages = [json.loads(line)["msg"] for line in stderr_path.read_text().splitlines() if line.strip()]
     assert "shutdown: cut 1 HTTP connection(s) still open (second signal)" in messages
     assert "stopped" in messages
+
+
+async def test_logs_of_an_hpb_outage_and_the_count_held_back_written_at_exit(tmp_path: Path) -> None:
+    """The HPB refuses connections: the real service logs the outage once,
+    Talk's refused enables are grouped, and the count of those held back is
+    written when the process exits (no later line of the group came)."""
+    port = free_port()
+    stderr_path = tmp_path / "service.log"
+    prefixes = ("LT_", "APP_", "MODAL_", "NEXTCLOUD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env |= {
+        "APP_SECRET": APP_SECRET,
+        "APP_PORT": str(port),
+        "APP_HOST": "127.0.0.1",
+        "NEXTCLOUD_URL": BACKEND,
+        "LT_HPB_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "LT_INTERNAL_SECRET": secrets.token_hex(16),
+        "LT_STT_ENGINE": "instant",
+    }
+    with stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "live_transcription.cli",
+            "serve",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    refused = 6
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as client:
+            await wait_serving(client, process)
+            for n in range(refused):
+                body = {"roomToken": f"r{n}room", "ncSessionId": "talk-a", "enable": True}
+                reply = await client.post("/api/v1/call/transcribe", json=body, headers=auth())
+                assert reply.status_code == 503
+                assert reply.json() == {"error": "cannot reach the signaling server (connection refused)"}
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(SHUTDOWN_SECONDS + 10):  # a failure bound only
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    entries = [json.loads(line) for line in stderr_path.read_text().splitlines() if line.strip()]
+    outage = [(e["level"], e["msg"]) for e in entries if e.get("event") == "hpb-outage"]
+    assert outage == [
+        ("warning", "cannot reach the signaling server (connection refused): rooms cannot be joined or kept")
+    ]
+    lines = [e for e in entries if e["msg"].startswith("enable refused in room ")]
+    # the first shown at once; the last one written at exit with the others held back before it
+    assert [e.get("repeats", 0) for e in lines] == [0, refused - 2]
+    assert lines[0]["msg"].startswith("enable refused in room r0ro…")
+    assert lines[1]["msg"].startswith(f"enable refused in room r{refused - 1}ro…")
+    assert [e["msg"] for e in entries].index("stopped") < entries.index(lines[1])
