@@ -5,6 +5,7 @@ each kind are closed by the server, and ``/heartbeat`` is answered meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -36,6 +37,16 @@ class Served:
     url: str
     port: int
     log: Path
+    secret: str
+
+    def auth(self) -> dict[str, str]:
+        token = base64.b64encode(f"admin:{self.secret}".encode()).decode()
+        return {
+            "EX-APP-ID": "live_transcription",
+            "EX-APP-VERSION": "0.1.0",
+            "AA-VERSION": "3.0.0",
+            "AUTHORIZATION-APP-API": token,
+        }
 
 
 # the service's own entry point, in a process limited to FD_LIMIT files from its start
@@ -52,8 +63,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     port = free_port()
     log = tmp_path_factory.mktemp("front") / "service.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LT_", "APP_", "MODAL_", "NEXTCLOUD"))}
+    secret = "front-" + secrets.token_hex(4)
     env |= {
-        "APP_SECRET": "front-" + secrets.token_hex(4),
+        "APP_SECRET": secret,
         "APP_PORT": str(port),
         "APP_HOST": "127.0.0.1",
         "LT_STT_ENGINE": "instant",
@@ -84,7 +96,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         limits = Path(f"/proc/{process.pid}/limits").read_text()
         [files] = [line for line in limits.splitlines() if line.startswith("Max open files")]
         assert files.split()[3:5] == [str(FD_LIMIT), str(FD_LIMIT)], files
-        yield Served(url, port, log)
+        yield Served(url, port, log, secret)
     finally:
         process.terminate()
         try:
@@ -155,6 +167,21 @@ async def test_malformed_http_gets_json_400(served: Served) -> None:
     assert head.startswith(b"HTTP/1.1 400")
     assert b"application/json" in head.lower()
     assert json.loads(body) == {"error": "malformed HTTP request"}
+
+
+async def test_disable_then_enable_are_both_logged(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        for value in (0, 1, 0, 1):
+            reply = await client.put(f"/enabled?enabled={value}", headers=served.auth())
+            assert reply.status_code == 200, reply.text
+    # stderr is line-buffered: the lines were written before the answers
+    entries = [json.loads(line) for line in served.log.read_text().splitlines() if line.strip()]
+    states = [entry["msg"] for entry in entries if entry["msg"] in ("app disabled", "app enabled")]
+    assert states == ["app disabled", "app enabled", "app disabled", "app enabled"]
+    # uvicorn's lines are there, without its coloured copy of the message
+    assert any(entry["msg"].startswith("Uvicorn running on") for entry in entries)
+    assert not any("color_message" in entry for entry in entries)
+    assert "\\u001b" not in served.log.read_text()  # JSON writes ESC so
 
 
 async def test_head_heartbeat_and_open_routes_beyond_the_bound(served: Served) -> None:
