@@ -370,6 +370,11 @@ async def test_backoff_is_exponential_capped_and_jittered(hpb: HpbEmulator) -> N
         await events.until(lambda e: e == ports.SessionReset())
         await events.until(lambda e: e == ports.LinkState("connected"))
         assert link.session_id is not None
+        # every failed attempt was told, with its cause and when it began
+        failures = [e for e in events.seen if isinstance(e, ports.ReconnectFailed)]
+        assert len(failures) == 8
+        assert {e.cause.words for e in failures} == {"connection refused"}
+        assert [e.began for e in failures] == sorted(e.began for e in failures)
 
 
 async def test_garbage_frames_are_skipped(hpb: HpbEmulator) -> None:
