@@ -329,7 +329,7 @@ class HpbLink:
             return _TooManyRequests(what)
         return HpbUnavailable(f"{what} refused by the HPB: {error.code} {error.message}")
 
-    async def _hello(self, ws: ClientConnection) -> None:
+    async def _hello(self, ws: ClientConnection, level: int = logging.INFO) -> None:
         message = protocol.hello(
             self._next_id(),
             secret=self._cfg.internal_secret,
@@ -343,7 +343,7 @@ class HpbLink:
         self._session_id = reply.session_id
         self._resume_id = reply.resume_id
         self._state.own_session_id = reply.session_id
-        log.info("HPB session started for room %s", self._short, extra=self._fields)
+        log.log(level, "HPB session started for room %s", self._short, extra=self._fields)
 
     async def _resume(self, ws: ClientConnection) -> bool:
         """True when the old session lives on (still in the room)."""
@@ -454,7 +454,7 @@ class HpbLink:
                         extra=self._fields | {"event": "hpb-link", "state": "resumed"},
                     )
                     return ws
-                await self._hello(ws)
+                await self._hello(ws, level)
                 await self._session_reset(level)
                 await self._join(ws)
                 _RECONNECTS["new-session"].inc()
