@@ -278,7 +278,9 @@ class ReceivePeer:
     async def _shutdown(self, reason: str) -> None:
         if self._reason is None:
             self._reason = reason
-            log = logger.info if reason == "closed" else logger.warning
+            # the far end hanging up (the SFU ending a subscription, e.g. when the
+            # HPB forgot our session) is an orderly end, not a media failure
+            log = logger.info if reason in ("closed", "remote-closed") else logger.warning
             log("peer %s closing: %s", self.label, reason)
         if self._closing:
             await self._close_done.wait()
