@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -256,10 +257,12 @@ async def test_sigterm_with_a_stalled_body_and_joins_waiting_on_a_silent_hpb(tmp
                     code = await process.wait()
                 assert code == 0
 
-                # the stalled client was cut, every waiting request got an answer or a close
+                # the stalled client was cut (a reset: its unread body is discarded),
+                # every waiting request got an answer or a close
                 async with asyncio.timeout(DEADLINE):
-                    while await reader.read(4096):
-                        pass
+                    with contextlib.suppress(ConnectionResetError):
+                        while await reader.read(4096):
+                            pass
                 outcomes = await asyncio.gather(*waiting, return_exceptions=True)
                 answered = [o for o in outcomes if isinstance(o, httpx.Response)]
                 assert all(o.status_code == 503 for o in answered), [o.text for o in answered]
