@@ -18,7 +18,6 @@ import dataclasses
 import itertools
 import os
 import secrets
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,9 @@ from live_transcription.sim.client import SimClient
 from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator
 from live_transcription.sim.nats_process import NatsServerProcess
-from tests.integration.test_faults_sigterm import free_port, wait_serving
 from tests.integration.test_faults_support import BACKEND, no_ice_servers, talking_wav
 from tests.nats_support import nats_server_fixture, skip_unless_nats_server  # noqa: F401
+from tests.serve_process import free_port, start_serve, wait_serving
 
 pytestmark = pytest.mark.nats
 
@@ -441,17 +440,7 @@ async def test_a_killed_serve_process_has_its_call_taken_over(
             "LT_CLUSTER_LEASE_TTL_SECONDS": "3",
         }
         log_path = tmp_path / "doomed.log"
-        with log_path.open("wb") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "live_transcription.cli",
-                "serve",
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=stderr,
-            )
+        process = await start_serve(env, log_path)
         try:
             async with (
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as doomed,

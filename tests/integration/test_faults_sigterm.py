@@ -11,8 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +22,10 @@ from live_transcription.sim.client import SimClient
 from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator
 from tests.integration.test_faults_support import BACKEND, DEADLINE, finals, talking_wav
+from tests.serve_process import free_port, start_serve, wait_serving
 
 ROOM = "sigtermroom"
 APP_SECRET = "sigterm-app-secret-" + secrets.token_hex(4)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def auth() -> dict[str, str]:
@@ -44,18 +36,6 @@ def auth() -> dict[str, str]:
         "AA-VERSION": "3.0.0",
         "AUTHORIZATION-APP-API": token,
     }
-
-
-async def wait_serving(client: httpx.AsyncClient, process: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(DEADLINE):
-        while process.returncode is None:
-            try:
-                if (await client.get("/heartbeat")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)  # polling another process's port: nothing to wait on
-    raise AssertionError(f"the service exited with {process.returncode} before serving")
 
 
 def last_by(messages: list[dict[str, Any]], speaker: str) -> dict[str, Any] | None:
@@ -91,17 +71,7 @@ async def test_sigterm_flushes_open_lines_says_bye_and_exits_zero(tmp_path: Path
                 "LT_INTERNAL_SECRET": internal_secret,
                 "LT_STT_ENGINE": "instant",
             }
-            with stderr_path.open("wb") as stderr:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "live_transcription.cli",
-                    "serve",
-                    env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=stderr,
-                )
+            process = await start_serve(env, stderr_path)
             try:
                 async with (
                     httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
@@ -208,17 +178,7 @@ async def test_sigterm_with_a_stalled_body_and_joins_waiting_on_a_silent_hpb(tmp
             "LT_HTTP_BODY_TIMEOUT_SECONDS": "300",
             "LT_MAX_ROOMS": str(len(joined_rooms) + len(waiting_rooms)),
         }
-        with stderr_path.open("wb") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "live_transcription.cli",
-                "serve",
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=stderr,
-            )
+        process = await start_serve(env, stderr_path)
         writer: asyncio.StreamWriter | None = None
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as client:
@@ -298,17 +258,7 @@ async def test_a_second_sigterm_ends_the_grace_at_once(tmp_path: Path) -> None:
         "LT_HTTP_BODY_TIMEOUT_SECONDS": "300",
         "LT_HTTP_SHUTDOWN_GRACE_SECONDS": "15",
     }
-    with stderr_path.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "live_transcription.cli",
-            "serve",
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
+    process = await start_serve(env, stderr_path)
     writer: asyncio.StreamWriter | None = None
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as client:
@@ -362,17 +312,7 @@ async def test_logs_of_an_hpb_outage_and_the_count_held_back_written_at_exit(tmp
         "LT_INTERNAL_SECRET": secrets.token_hex(16),
         "LT_STT_ENGINE": "instant",
     }
-    with stderr_path.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "live_transcription.cli",
-            "serve",
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
+    process = await start_serve(env, stderr_path)
     refused = 6
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as client:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.test_faults_sigterm import free_port
+from tests.serve_process import free_port
 
 FD_LIMIT = 256
 STALLED = 1000
