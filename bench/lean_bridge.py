@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pylibsrtp
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 from pylibsrtp._binding import ffi, lib
 
@@ -60,6 +60,7 @@ from bench.lean_packets import (
     sender_report,
 )
 from bench.patterns import PACKET_MS, RATE, Pattern
+from bench.subscriptions import SubscriptionBook
 
 log = logging.getLogger("bench.lean")
 
@@ -549,24 +550,18 @@ class LeanSubscription:
         return self.stream
 
 
-class LeanBridge:
+class LeanBridge(SubscriptionBook[LeanSubscription]):
     """``MediaBridge`` for the emulator: every subscription is an aiortc
     peer connection whose sending is taken over by a ``LeanStream``."""
 
     def __init__(self, ticker: SendTicker, *, levels: bool = True) -> None:
+        super().__init__()
         self._ticker = ticker
         self._levels = levels
         self._shapes: dict[str, Shape] = {}
         self._bodies: dict[tuple[int, str | None, int | None, int | None], tuple[bytes, ...]] = {}
         self._plans: dict[int, Plan] = {}
-        self._subscriptions: dict[str, LeanSubscription] = {}
-        self._by_publisher: dict[str, LeanSubscription] = {}
         self._sids = (f"lean-{n}" for n in itertools.count(1))
-        self.candidates_ignored = 0
-        self.stale_answers = 0
-        self.bad_answers = 0
-        self.offers = 0
-        self.closed = 0
         self.takeover_failures = 0
 
     @property
@@ -587,8 +582,7 @@ class LeanBridge:
 
     async def remove_publisher(self, session_id: str) -> None:
         self._shapes.pop(session_id, None)
-        for sub in [s for s in self._subscriptions.values() if s.publisher == session_id]:
-            await self._close(sub)
+        await self._close_publisher(session_id)
 
     def subscription_of(self, publisher: str) -> LeanSubscription | None:
         sub = self._by_publisher.get(publisher)
@@ -619,10 +613,7 @@ class LeanBridge:
         shape = self._shapes.get(publisher)
         if shape is None:
             raise LookupError(f"session {publisher} publishes no media")
-        for old in [
-            s for s in self._subscriptions.values() if s.subscriber == subscriber and s.publisher == publisher
-        ]:
-            await self._close(old)
+        await self._close_earlier(subscriber, publisher)
         pc = RTCPeerConnection()
         sender = pc.addTrack(_IdleTrack())
         sub = LeanSubscription(next(self._sids), subscriber, publisher, pc, shape)
@@ -648,9 +639,7 @@ class LeanBridge:
         if self._shapes.get(publisher) is not shape:
             await pc.close()
             raise LookupError(f"session {publisher} left")
-        self._subscriptions[sub.sid] = sub
-        self._by_publisher[publisher] = sub
-        self.offers += 1
+        self._add(sub)
         return sub.sid, pc.localDescription.sdp
 
     def _take_over(self, sub: LeanSubscription, sender: Any, parameters: Any) -> None:
@@ -692,49 +681,11 @@ class LeanBridge:
         sub.stream = stream
         self._ticker.add(stream)
 
-    def _find(self, subscriber: str, publisher: str, sid: str) -> LeanSubscription:
-        sub = self._subscriptions.get(sid)
-        if sub is None or sub.subscriber != subscriber or sub.publisher != publisher:
-            raise LookupError(f"no subscription {sid} of {subscriber} to {publisher}")
-        return sub
-
-    async def answer(self, subscriber: str, publisher: str, sid: str, sdp: str) -> None:
-        try:
-            sub = self._find(subscriber, publisher, sid)
-        except LookupError:
-            self.stale_answers += 1
-            return
-        try:
-            await sub.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
-        except Exception as exc:
-            self.bad_answers += 1
-            log.warning("answer for %s refused: %r", sid, exc)
-
-    async def candidate(
-        self, subscriber: str, publisher: str, sid: str, candidate: dict[str, object]
-    ) -> None:
-        # the answer SDP carries aiortc's candidates already
-        self.candidates_ignored += 1
-
-    async def close_subscriber(self, subscriber: str) -> None:
-        for sub in [s for s in self._subscriptions.values() if s.subscriber == subscriber]:
-            await self._close(sub)
-
-    async def _close(self, sub: LeanSubscription) -> None:
-        self._subscriptions.pop(sub.sid, None)
-        if self._by_publisher.get(sub.publisher) is sub:
-            del self._by_publisher[sub.publisher]
-        self.closed += 1
+    def _release(self, sub: LeanSubscription) -> None:
         if sub.stream is not None:
             self._ticker.remove(sub.stream)
             sub.stream.stopped()
             sub.stream.socket.close()
-        with contextlib.suppress(Exception):
-            await sub.pc.close()
-
-    async def aclose(self) -> None:
-        for sub in list(self._subscriptions.values()):
-            await self._close(sub)
 
     def packets_sent(self) -> int:
         return sum(sub.track.sent for sub in self.subscriptions.values())

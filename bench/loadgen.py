@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpsender import RTCEncodedFrame
 
@@ -57,6 +57,7 @@ from bench.latency import SendLog, WordLatency, WordMap
 from bench.lean_bridge import DEFAULT_AHEAD, LeanBridge, LeanStream, SendTicker
 from bench.meeting import MixShape, talk_schedule
 from bench.patterns import PACKET_MS, PACKET_SAMPLES, Pattern, build_pattern
+from bench.subscriptions import SubscriptionBook
 from live_transcription.hpb.protocol import IN_CALL, WITH_AUDIO
 from live_transcription.sim.emulator import HpbEmulator
 
@@ -286,23 +287,17 @@ class PublisherSpec:
     schedule: bytes | None = None
 
 
-class DirectBridge:
+class DirectBridge(SubscriptionBook[Subscription]):
     """``MediaBridge`` for the emulator: every subscription is a direct,
     send-only aiortc peer connection. One owner (the loadgen's loop)."""
 
     def __init__(self, ticker: Ticker, *, levels: bool = True) -> None:
+        super().__init__()
         self._ticker = ticker
         self._levels = levels
         self._publishers: dict[str, PublisherSpec] = {}
-        self._subscriptions: dict[str, Subscription] = {}
-        self._by_publisher: dict[str, Subscription] = {}
         self._sids = (f"direct-{n}" for n in itertools.count(1))
         self._phases = itertools.count()
-        self.candidates_ignored = 0
-        self.stale_answers = 0
-        self.bad_answers = 0
-        self.offers = 0
-        self.closed = 0
 
     @property
     def subscriptions(self) -> dict[str, Subscription]:
@@ -315,8 +310,7 @@ class DirectBridge:
 
     async def remove_publisher(self, session_id: str) -> None:
         self._publishers.pop(session_id, None)
-        for sub in [s for s in self._subscriptions.values() if s.publisher == session_id]:
-            await self._close(sub)
+        await self._close_publisher(session_id)
 
     def subscription_of(self, publisher: str) -> Subscription | None:
         return self._by_publisher.get(publisher)
@@ -331,10 +325,7 @@ class DirectBridge:
         spec = self._publishers.get(publisher)
         if spec is None:
             raise LookupError(f"session {publisher} publishes no media")
-        for old in [
-            s for s in self._subscriptions.values() if s.subscriber == subscriber and s.publisher == publisher
-        ]:
-            await self._close(old)
+        await self._close_earlier(subscriber, publisher)
         pc = RTCPeerConnection()
         phase = next(self._phases)
         track = (
@@ -352,55 +343,11 @@ class DirectBridge:
             await pc.close()
             raise LookupError(f"session {publisher} left")
         sid = next(self._sids)
-        sub = Subscription(sid, subscriber, publisher, pc, track)
-        self._subscriptions[sid] = sub
-        self._by_publisher[publisher] = sub
-        self.offers += 1
+        self._add(Subscription(sid, subscriber, publisher, pc, track))
         return sid, pc.localDescription.sdp
 
-    def _find(self, subscriber: str, publisher: str, sid: str) -> Subscription:
-        sub = self._subscriptions.get(sid)
-        if sub is None or sub.subscriber != subscriber or sub.publisher != publisher:
-            raise LookupError(f"no subscription {sid} of {subscriber} to {publisher}")
-        return sub
-
-    async def answer(self, subscriber: str, publisher: str, sid: str, sdp: str) -> None:
-        try:
-            sub = self._find(subscriber, publisher, sid)
-        except LookupError:
-            # the publisher left or a newer offer replaced this one: an SFU
-            # answers with an error, it does not drop the signaling connection
-            self.stale_answers += 1
-            return
-        try:
-            await sub.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
-        except Exception as exc:
-            self.bad_answers += 1
-            log.warning("answer for %s refused: %r", sid, exc)
-
-    async def candidate(
-        self, subscriber: str, publisher: str, sid: str, candidate: dict[str, object]
-    ) -> None:
-        # aiortc puts all its candidates into the answer SDP already; the
-        # trickled copies add nothing on loopback
-        self.candidates_ignored += 1
-
-    async def close_subscriber(self, subscriber: str) -> None:
-        for sub in [s for s in self._subscriptions.values() if s.subscriber == subscriber]:
-            await self._close(sub)
-
-    async def _close(self, sub: Subscription) -> None:
-        self._subscriptions.pop(sub.sid, None)
-        if self._by_publisher.get(sub.publisher) is sub:
-            del self._by_publisher[sub.publisher]
-        self.closed += 1
+    def _release(self, sub: Subscription) -> None:
         sub.track.stop()
-        with contextlib.suppress(Exception):
-            await sub.pc.close()
-
-    async def aclose(self) -> None:
-        for sub in list(self._subscriptions.values()):
-            await self._close(sub)
 
 
 # --- the HPB emulator, measuring -----------------------------------------------------------
