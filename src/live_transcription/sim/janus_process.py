@@ -102,6 +102,38 @@ async def terminate_process(proc: asyncio.subprocess.Process, deadline_s: float,
         await proc.wait()
 
 
+async def wait_until_serving(
+    proc: asyncio.subprocess.Process, port: int, deadline_s: float, *, greeting: bytes = b""
+) -> bool:
+    """True once ``port`` accepts a connection (whose first line starts with
+    ``greeting``, when one is given); False when the process exits first or
+    ``deadline_s`` passes."""
+    exited = asyncio.ensure_future(proc.wait())
+    try:
+        async with asyncio.timeout(deadline_s):
+            while not exited.done():
+                with contextlib.suppress(OSError):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    try:
+                        first_line = await reader.readline() if greeting else b""
+                    finally:
+                        writer.close()
+                        with contextlib.suppress(OSError):
+                            await writer.wait_closed()
+                    if first_line.startswith(greeting):
+                        return True
+                # Polling a starting subprocess: nothing to wait on instead.
+                await asyncio.wait({exited}, timeout=0.05)
+    except TimeoutError:
+        return False
+    finally:
+        if not exited.done():
+            exited.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await exited
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class JanusConfig:
     """What varies between instances; everything else is fixed below."""
@@ -306,26 +338,7 @@ class JanusProcess:
         """True once the port accepts; False when Janus exits first."""
         proc = self._proc
         assert proc is not None
-        exited = asyncio.ensure_future(proc.wait())
-        try:
-            async with asyncio.timeout(self._start_deadline_s):
-                while not exited.done():
-                    with contextlib.suppress(OSError):
-                        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                        writer.close()
-                        with contextlib.suppress(OSError):
-                            await writer.wait_closed()
-                        return True
-                    # Polling a starting subprocess: nothing to wait on instead.
-                    await asyncio.wait({exited}, timeout=0.05)
-        except TimeoutError:
-            return False
-        finally:
-            if not exited.done():
-                exited.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await exited
-        return False
+        return await wait_until_serving(proc, port, self._start_deadline_s)
 
     async def _stop_process(self) -> None:
         proc, self._proc = self._proc, None

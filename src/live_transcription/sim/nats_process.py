@@ -10,14 +10,13 @@ system NATS service.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from live_transcription.sim.janus_process import free_tcp_port, terminate_process
+from live_transcription.sim.janus_process import free_tcp_port, terminate_process, wait_until_serving
 
 log = logging.getLogger(__name__)
 
@@ -142,30 +141,7 @@ class NatsServerProcess:
         """True once the server greets a client with INFO; False when it exits first."""
         proc = self._proc
         assert proc is not None
-        exited = asyncio.ensure_future(proc.wait())
-        try:
-            async with asyncio.timeout(self._start_deadline_s):
-                while not exited.done():
-                    with contextlib.suppress(OSError):
-                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                        try:
-                            greeting = await reader.readline()
-                        finally:
-                            writer.close()
-                            with contextlib.suppress(OSError):
-                                await writer.wait_closed()
-                        if greeting.startswith(b"INFO "):
-                            return True
-                    # Polling a starting subprocess: nothing to wait on instead.
-                    await asyncio.wait({exited}, timeout=0.05)
-        except TimeoutError:
-            return False
-        finally:
-            if not exited.done():
-                exited.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await exited
-        return False
+        return await wait_until_serving(proc, port, self._start_deadline_s, greeting=b"INFO ")
 
     async def _stop_process(self) -> None:
         proc, self._proc = self._proc, None
