@@ -20,6 +20,7 @@ TARGETS = {
     "churn_growth_mb": 5.0,
 }
 NOTES = Path(__file__).with_name("notes.md")
+IN_PROCESS_ENGINE = "(instant engine in-process: leaks and lifetimes; its CPU is a lower bound)"
 
 
 def _fmt(value: object, digits: int = 1) -> str:
@@ -407,9 +408,9 @@ def markdown(results: Json, images: dict[str, str]) -> str:
     for key in sorted(k for k in results if k.startswith("churn")):
         if isinstance(results[key], dict):
             title = "Churn" if key == "churn" else f"Churn ({key.removeprefix('churn').strip('_-') or key})"
-            parts += [f"## {title}", "", churn_section(results[key]), ""]
+            parts += [f"## {title} {IN_PROCESS_ENGINE}", "", churn_section(results[key]), ""]
     if isinstance(results.get("soak"), dict):
-        parts += ["## Soak", "", soak_section(results["soak"]), ""]
+        parts += [f"## Soak {IN_PROCESS_ENGINE}", "", soak_section(results["soak"]), ""]
         if "soak" in images:
             parts += [f"![soak]({images['soak']})", ""]
     for kind, title in (("active", "active speakers"), ("silent", "silent participants")):
