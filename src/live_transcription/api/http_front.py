@@ -169,7 +169,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """Malformed HTTP (uvicorn logged it): a JSON error like every other answer."""
-        payload = json.dumps({"error": "malformed HTTP request"}).encode()
+        self._write_json_error(400, b"Bad Request", "malformed HTTP request")
+        self.transport.close()
+
+    def _write_json_error(self, status: int, reason: bytes, message: str) -> None:
+        """A whole ``{"error": ...}`` answer, then the connection closes."""
+        payload = json.dumps({"error": message}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
@@ -177,14 +182,13 @@ class GuardedH11Protocol(H11Protocol):
         ]
         try:
             for event in (
-                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                h11.Response(status_code=status, headers=headers, reason=reason),
                 h11.Data(data=payload),
                 h11.EndOfMessage(),
             ):
                 self.transport.write(self.conn.send(event))
         except h11.LocalProtocolError:
             pass  # a response was already under way: just close
-        self.transport.close()
 
     # --- deadlines ----------------------------------------------------------------------------
     def _follow(self) -> None:
@@ -232,21 +236,7 @@ class GuardedH11Protocol(H11Protocol):
         )
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
-            payload = json.dumps({"error": "request body not received in time"}).encode()
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ]
-            try:
-                for event in (
-                    h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
-                    h11.Data(data=payload),
-                    h11.EndOfMessage(),
-                ):
-                    self.transport.write(self.conn.send(event))
-            except h11.LocalProtocolError:
-                pass
+            self._write_json_error(408, b"Request Timeout", "request body not received in time")
         self.close_now()
 
     def close_now(self, *, abort: bool = False) -> None:
