@@ -7,6 +7,7 @@ variable is documented in the README; keep both in step.
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from typing import Any, Self
 
@@ -21,6 +22,14 @@ class Engine(StrEnum):
     INSTANT = "instant"
     """A zero-delay stand-in that turns audio into numbered words: for
     benchmarks and tests of the service's own cost, never for real calls."""
+
+
+MAX_WORKERS = 256
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
 
 
 class ConfigError(Exception):
@@ -99,6 +108,14 @@ class Settings(BaseSettings):
     cluster_lease_ttl: float = Field(15.0, alias="LT_CLUSTER_LEASE_TTL_SECONDS", ge=3, le=300)
     cluster_name: str = Field("live_transcription", alias="LT_CLUSTER_NAME", pattern=r"^[A-Za-z0-9_-]{1,50}$")
     cluster_connect_timeout: float = Field(30.0, alias="LT_CLUSTER_CONNECT_TIMEOUT_SECONDS", gt=0, le=600)
+    # --- Worker processes on this machine -------------------------------------------
+    workers: int | None = Field(
+        None,
+        alias="LT_WORKERS",
+        ge=1,
+        le=MAX_WORKERS,
+        description="default: the cores this process may use (at most LT_MAX_ROOMS and LT_MAX_SPEAKERS)",
+    )
     log_level: str = Field("INFO", alias="LT_LOG_LEVEL")
     log_format: str = Field("json", alias="LT_LOG_FORMAT", pattern="^(json|text)$")
 
@@ -163,11 +180,30 @@ class Settings(BaseSettings):
             raise ValueError("LT_STT_ENGINE=moshi needs LT_MOSHI_URL (ws://host:port)")
         return self
 
+    @model_validator(mode="after")
+    def _worker_count(self) -> Self:
+        # each worker gets a share of the room and speaker caps: at least one of each
+        most = min(self.max_rooms, self.max_speakers)
+        if self.workers is None:
+            self.workers = min(usable_cores(), most, MAX_WORKERS)
+        elif self.workers > most:
+            raise ValueError(
+                f"LT_WORKERS={self.workers} is more than LT_MAX_ROOMS ({self.max_rooms}) or "
+                f"LT_MAX_SPEAKERS ({self.max_speakers}): each worker needs a share of both"
+            )
+        return self
+
     # --- derived ------------------------------------------------------------------
     @property
     def engine(self) -> Engine:
         assert self.stt_engine is not None  # set by the validator
         return self.stt_engine
+
+    @property
+    def worker_count(self) -> int:
+        """Worker processes: 1 is the single process (no supervisor)."""
+        assert self.workers is not None  # set by the validator
+        return self.workers
 
     @property
     def hpb_ws_url(self) -> str:

@@ -69,7 +69,7 @@ async def env() -> AsyncIterator[Env]:
     )
     host = ManagerHost(manager, run_command)
     node = FakeNode()
-    host.node = node  # type: ignore[assignment]
+    host.node = node
     manager.observer = host
     async with manager:
         yield Env(host, manager, node, links)

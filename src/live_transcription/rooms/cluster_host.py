@@ -1,10 +1,11 @@
 """This process's rooms as one replica of a cluster (the ``RoomHost`` of a
-``ClusterNode``).
+``ClusterNode``), or as one worker process of a supervisor.
 
 The Manager keeps running the rooms exactly as in a single process; this
-adapter runs the commands the node routes here, re-opens rooms taken over
-from a replica that disappeared, stops rooms whose lease went elsewhere, and
-tells the node of each room's record (targets, language) and of its end.
+adapter runs the commands routed here, re-opens rooms taken over from a
+replica (or worker) that disappeared, stops rooms whose lease went
+elsewhere, and tells its ``RecordSink`` (the cluster node, or the channel to
+the supervisor) of each room's record (targets, language) and of its end.
 
 A room that ends while a command for it runs here (a ``transcribe`` waiting
 for a lingering room to close before opening it again) keeps its lease: the
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from live_transcription.cluster.codec import Command, Reply, RoomRecord
-from live_transcription.cluster.node import ClusterNode, HostLoad
+from live_transcription.cluster.node import HostLoad
 from live_transcription.rooms.manager import Manager
 
 SHUTDOWN = "shutdown"
@@ -25,11 +27,23 @@ LEASE_LOST = "lease-lost"
 """The ``rooms_closed`` reason of a room stopped because another replica owns it."""
 
 
+class RecordSink(Protocol):
+    """Who keeps each room's record outside this process: the cluster node
+    (in the room's lease) or the supervisor of this worker."""
+
+    def record_changed(self, record: RoomRecord) -> None: ...
+
+    def room_ended(self, room: str, *, release: bool = True) -> None:
+        """The room is gone here. ``release=False``: it closed because this
+        process is shutting down, and is not over for its viewers."""
+        ...
+
+
 class ManagerHost:
     def __init__(self, manager: Manager, run_command: Callable[[Manager, Command], Awaitable[Reply]]) -> None:
         self.manager = manager
         self._run_command = run_command
-        self.node: ClusterNode | None = None
+        self.node: RecordSink | None = None
         """Set once the node exists (it needs this host to be built)."""
         self._busy: Counter[str] = Counter()
         """Rooms with a command (or a re-open) running here, and how many."""
