@@ -227,6 +227,19 @@ class Settings(BaseSettings):
             return self.modal_url
         return f"wss://{self.modal_workspace}--{self.modal_app_label}.modal.run/v1/stream"
 
+    def secret_values(self) -> list[str]:
+        """The secrets' values, for the logs to mask."""
+        return [
+            secret.get_secret_value()
+            for secret in (
+                self.app_secret,
+                self.internal_secret,
+                self.modal_key,
+                self.modal_secret,
+                self.moshi_api_key,
+            )
+        ]
+
     def missing_for_translation(self) -> list[str]:
         """Variables that live translation needs and that are not set."""
         missing = []

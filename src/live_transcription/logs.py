@@ -80,11 +80,14 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = _masked(super().format(record), self._secrets)
+        worker = record.__dict__.get("_written_by_worker")
+        if worker is not None:
+            line = f"[worker {worker}] {line}"
         repeats = record.__dict__.get("repeats", 0)
         return f"{line} (+{repeats} repeats held back)" if repeats else line
 
 
-KEY_FIELDS = ("event", "state", "cause", "reason", "refusal", "room", "speaker")
+KEY_FIELDS = ("event", "state", "cause", "reason", "refusal", "room", "speaker", "worker")
 """``extra`` fields that tell one event from another: lines differing in any
 of them are never grouped."""
 
@@ -241,13 +244,32 @@ def fields(room: str, speaker: str | None = None) -> dict[str, str]:
     return entry
 
 
+class _WorkerField(logging.Filter):
+    """Every line of a worker process says which worker wrote it."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        record._written_by_worker = self.worker  # not a field of its own: the text format's prefix
+        return True
+
+
 def setup_logging(
     level: str = "INFO",
     fmt: str = "json",
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    *,
+    worker: int | None = None,
 ) -> None:
+    """``worker``: this process is that worker of a supervisor; its lines carry
+    ``worker`` (JSON) or ``[worker N]`` (text)."""
     handler = LimitedStreamHandler(stream or sys.stderr, RepeatLimiter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     secrets = list(secrets)
     handler.setFormatter(JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets))
     root = logging.getLogger()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -146,6 +146,22 @@ stt_lease_waits = Counter(
     ["reason"],
 )
 
+worker_restarts = Counter(
+    f"{PREFIX}_worker_restarts",
+    "Worker processes that stopped without being asked to, and were started again",
+    ["worker"],
+)
+worker_requests_refused = Counter(
+    f"{PREFIX}_worker_requests_refused",
+    "Requests to a worker answered 503: too many in flight, worker not running, or no answer in time",
+    ["reason"],  # queue-full | worker-down | timeout
+)
+worker_rooms_reopened = Counter(
+    f"{PREFIX}_worker_rooms_reopened",
+    "Rooms of a stopped worker re-opened from their record on a running worker, by outcome",
+    ["outcome"],  # reopened | failed
+)
+
 
 # Known label values exist from the start, so a scrape shows 0 rather than
 # nothing: "no drops" must be told apart from "not instrumented".
@@ -171,6 +187,10 @@ for _reason in TRANSLATION_DROP_REASONS:
     translations_dropped.labels(_reason)
 for _kind in ("received", "silent", "skipped", "decoded", "lost", "late", "concealed", "decode-error"):
     audio_packets.labels(_kind)
+for _reason in ("queue-full", "worker-down", "timeout"):
+    worker_requests_refused.labels(_reason)
+for _outcome in ("reopened", "failed"):
+    worker_rooms_reopened.labels(_outcome)
 
 
 class _StateCollector:
@@ -324,3 +344,46 @@ REGISTRY.register(_cluster)
 def observe_cluster(source: Callable[[], ClusterSnapshot] | None) -> None:
     """Point the cluster metrics at this replica's node (None: no cluster)."""
     _cluster.source = source
+
+
+WORKER_STATES = ("starting", "ready", "restarting", "draining", "stopped")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersSnapshot:
+    states: Mapping[str, int]
+    """Worker processes by state."""
+    rooms_reopening: int
+
+
+class _WorkersCollector:
+    """A supervisor's worker processes (LT_WORKERS > 1), read from its pool
+    at scrape time; no samples in a single process."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], WorkersSnapshot] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        workers = GaugeMetricFamily(
+            f"{PREFIX}_workers", "Worker processes of this supervisor, by state", labels=["state"]
+        )
+        reopening = GaugeMetricFamily(
+            f"{PREFIX}_worker_rooms_reopening",
+            "Rooms of a stopped worker waiting to be re-opened on a running one",
+        )
+        if self.source is not None:
+            snap = self.source()
+            for state in WORKER_STATES:
+                workers.add_metric([state], snap.states.get(state, 0))
+            reopening.add_metric([], snap.rooms_reopening)
+        yield workers
+        yield reopening
+
+
+_workers = _WorkersCollector()
+REGISTRY.register(_workers)
+
+
+def observe_workers(source: Callable[[], WorkersSnapshot] | None) -> None:
+    """Point the worker gauges at the supervisor's pool (None: a single process)."""
+    _workers.source = source

@@ -179,13 +179,13 @@ async def running_service(
         )
         metrics.observe_state(lambda: _snapshot(manager))
         metrics.observe_translation(manager.translation_in_use)
-        options = cluster_options or _cluster_options(settings)
+        options = cluster_options or cluster_options_from(settings)
         node: ClusterNode | None = None
         if options is not None:
             host = ManagerHost(manager, run_command)
             manager.observer = host
             node = host.node = ClusterNode(host, options, clock=cluster_clock)
-            metrics.observe_cluster(lambda: _cluster_snapshot(node))
+            metrics.observe_cluster(lambda: cluster_snapshot(node))
             # entered before the rooms and left after them: a room's lease is
             # held for as long as the room runs (a placement that reaches this
             # replica before the Manager runs gets 503)
@@ -216,7 +216,8 @@ async def running_service(
         await engine.aclose()
 
 
-def _cluster_options(settings: Settings) -> ClusterOptions | None:
+def cluster_options_from(settings: Settings) -> ClusterOptions | None:
+    """The cluster's settings from ``LT_NATS_URL`` and its companions (None: no cluster)."""
     if not settings.nats_url:
         return None
     return ClusterOptions.scaled(
@@ -228,7 +229,7 @@ def _cluster_options(settings: Settings) -> ClusterOptions | None:
     )
 
 
-def _cluster_snapshot(node: ClusterNode) -> metrics.ClusterSnapshot:
+def cluster_snapshot(node: ClusterNode) -> metrics.ClusterSnapshot:
     return metrics.ClusterSnapshot(
         connected=node.connected,
         rooms_owned=len(node.owned_rooms),

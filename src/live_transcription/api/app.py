@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import psutil
 from fastapi import FastAPI, Query, Request
@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from live_transcription.api.appapi import AppApiAuth, BodyLimit
 from live_transcription.api.commands import run_command
-from live_transcription.api.health import ClusterState, Health, HealthInputs, assess
+from live_transcription.api.health import ClusterState, Health, HealthInputs, WorkersState, assess
 from live_transcription.cluster.codec import (
     Command,
     Leave,
@@ -36,7 +36,9 @@ from live_transcription.cluster.codec import (
 )
 from live_transcription.config import Settings
 from live_transcription.rooms.manager import Manager
+from live_transcription.stt.base import Language
 from live_transcription.translation.languages import TranslationLanguages
+from live_transcription.translation.room import TranslationSetup
 from live_transcription.translation.translator import (
     TranslationTemporarilyUnavailable,
     TranslationUnavailable,
@@ -54,10 +56,45 @@ OPEN_PATHS = ("/heartbeat", "/healthz", "/readyz", "/metrics")
 _PROCESS = psutil.Process()
 
 
+class ServiceRuntime(Protocol):
+    """What the routes need from the service: a single process (``Runtime``)
+    or a supervisor of worker processes (``workers.supervisor``)."""
+
+    settings: Settings
+    enabled: bool
+    started_at: float
+    background: set[asyncio.Task[None]]
+    init_task: Callable[[], Coroutine[Any, Any, None]] | None
+
+    @property
+    def languages(self) -> Mapping[str, Language]: ...
+
+    @property
+    def translation(self) -> TranslationSetup | None: ...
+
+    async def submit(self, command: Command) -> Reply:
+        """Run a Talk command where its room lives."""
+        ...
+
+    async def leave_all(self, reason: str) -> None:
+        """Leave every call (the app was disabled)."""
+        ...
+
+    async def assess_health(self) -> tuple[Health, HealthInputs]: ...
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition of the whole service."""
+        ...
+
+    def stop_accepting(self) -> None:
+        """Shutdown begins: no new room; joins still pending are given up."""
+        ...
+
+
 @dataclass
 class Runtime:
-    """What the routes need: the rooms, the engine's state, and the switches
-    AppAPI flips."""
+    """The routes' view of a single process: the rooms, the engine's state,
+    and the switches AppAPI flips."""
 
     settings: Settings
     manager: Manager
@@ -77,17 +114,31 @@ class Runtime:
             return await self.cluster.submit(command)
         return await run_command(self.manager, command)
 
+    @property
+    def languages(self) -> Mapping[str, Language]:
+        return self.manager.languages
+
+    @property
+    def translation(self) -> TranslationSetup | None:
+        return self.manager.translation
+
+    async def leave_all(self, reason: str) -> None:
+        for room in self.manager.rooms():
+            await self.manager.leave(room.token, reason)
+
+    async def assess_health(self) -> tuple[Health, HealthInputs]:
+        return self.health()
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(REGISTRY)
+
+    def stop_accepting(self) -> None:
+        self.manager.stop_accepting()
+        if self.cluster is not None:
+            self.cluster.stop_accepting()
+
     def cluster_state(self) -> ClusterState | None:
-        node = self.cluster
-        if node is None:
-            return None
-        return ClusterState(
-            replica=node.replica_id,
-            connected=node.connected,
-            rooms_owned=len(node.owned_rooms),
-            rooms_unleased=len(node.unleased_rooms),
-            replicas=node.replicas_seen,
-        )
+        return cluster_state(self.cluster)
 
     def health(self) -> tuple[Health, HealthInputs]:
         inputs = HealthInputs(
@@ -107,6 +158,18 @@ class Runtime:
             cluster=self.cluster_state(),
         )
         return assess(inputs), inputs
+
+
+def cluster_state(node: ClusterNode | None) -> ClusterState | None:
+    if node is None:
+        return None
+    return ClusterState(
+        replica=node.replica_id,
+        connected=node.connected,
+        rooms_owned=len(node.owned_rooms),
+        rooms_unleased=len(node.unleased_rooms),
+        replicas=node.replicas_seen,
+    )
 
 
 # --- request bodies ----------------------------------------------------------------------
@@ -151,9 +214,8 @@ def _answer(reply: Reply) -> JSONResponse:
     return JSONResponse(dict(reply.body), status_code=reply.status)
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def create_app(runtime: ServiceRuntime) -> FastAPI:
     settings = runtime.settings
-    manager = runtime.manager
     app = FastAPI(title="live_transcription", version=settings.app_version, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
 
@@ -198,8 +260,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         state = "enabled" if runtime.enabled else "disabled"
         log.info("app %s", state, extra={"state": state})
         if not runtime.enabled:
-            for room in manager.rooms():
-                await manager.leave(room.token, "disabled")
+            await runtime.leave_all("disabled")
         return {"error": ""}
 
     @app.get("/capabilities")
@@ -207,9 +268,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         body: dict[str, object] = {
             "version": settings.app_version,
             "features": ["live_transcription"],
-            "live_transcription": {"supported_languages": _languages(manager)},
+            "live_transcription": {"supported_languages": _languages(runtime.languages)},
         }
-        translation = await _translation_languages(manager)
+        translation = await _translation_languages(runtime.translation)
         if translation is not None:  # only while a provider serves at least one target
             body["features"] = ["live_transcription", "live_translation"]
             body["live_translation"] = {"supported_translation_languages": translation.as_talk()}
@@ -218,7 +279,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     # --- Talk's API -------------------------------------------------------------------------------
     @app.get("/api/v1/languages")
     async def languages() -> dict[str, object]:
-        return _languages(manager)
+        return _languages(runtime.languages)
 
     @app.post("/api/v1/call/transcribe", response_model=None)
     async def transcribe(body: TranscribeBody) -> JSONResponse:
@@ -241,7 +302,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def translation_languages(
         roomToken: Annotated[str | None, Query(max_length=128, pattern=r"^[A-Za-z0-9_-]+$")] = None,
     ) -> JSONResponse | dict[str, object]:
-        translation = manager.translation
+        translation = runtime.translation
         if translation is None:
             return _error(550, "translation is not configured")
         try:
@@ -264,7 +325,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     # --- operations ---------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        health, inputs = runtime.health()
+        health, inputs = await runtime.assess_health()
         body = {
             "status": health.status,
             "ready": health.ready,
@@ -288,11 +349,13 @@ def create_app(runtime: Runtime) -> FastAPI:
                 "rooms_without_lease": inputs.cluster.rooms_unleased,
                 "replicas": inputs.cluster.replicas,
             }
+        if inputs.workers is not None:
+            body["workers"] = _workers_body(inputs.workers)
         return JSONResponse(body, status_code=503 if health.status == "failing" else 200)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        health, _ = runtime.health()
+        health, _ = await runtime.assess_health()
         return JSONResponse(
             {"ready": health.ready, "reasons": health.reasons},
             status_code=200 if health.ready else 503,
@@ -300,7 +363,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(await runtime.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(
@@ -312,18 +375,41 @@ def create_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-async def _translation_languages(manager: Manager) -> TranslationLanguages | None:
+async def _translation_languages(translation: TranslationSetup | None) -> TranslationLanguages | None:
     """The provider's languages, or None while translation is off (no provider,
     Nextcloud unreachable, or no answer within CAPABILITY_CHECK_SECONDS)."""
-    if manager.translation is None:
+    if translation is None:
         return None
     try:
         async with asyncio.timeout(CAPABILITY_CHECK_SECONDS):
-            languages = await manager.translation.translator.languages()
+            languages = await translation.translator.languages()
     except (TranslationUnavailable, TranslationTemporarilyUnavailable, TimeoutError):
-        return manager.translation.translator.cached()
+        return translation.translator.cached()
     return languages if languages.target else None
 
 
-def _languages(manager: Manager) -> dict[str, object]:
-    return {code: lang.as_talk_entry() for code, lang in manager.languages.items()}
+def _workers_body(state: WorkersState) -> dict[str, object]:
+    return {
+        "count": len(state.workers),
+        "ready": state.ready,
+        "restarts": sum(worker.restarts for worker in state.workers),
+        "rooms_reopening": state.rooms_reopening,
+        "processes": [
+            {
+                "worker": worker.index,
+                "pid": worker.pid,
+                "state": worker.state,
+                "answering": worker.answering,
+                "rooms": worker.rooms,
+                "speakers": worker.speakers,
+                "restarts": worker.restarts,
+                "last_exit": worker.last_exit,
+                "rss_bytes": worker.rss_bytes,
+            }
+            for worker in state.workers
+        ],
+    }
+
+
+def _languages(languages: Mapping[str, Language]) -> dict[str, object]:
+    return {code: lang.as_talk_entry() for code, lang in languages.items()}

@@ -21,6 +21,37 @@ class ClusterState:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    """One worker process as its supervisor sees it."""
+
+    index: int
+    pid: int | None
+    state: str
+    """starting | ready | restarting (stopped, to be started again) | draining"""
+    rooms: int
+    speakers: int
+    restarts: int
+    answering: bool = True
+    """False: a ready worker that did not answer the status request in time."""
+    last_exit: str | None = None
+    """How the worker's previous process ended (``killed by SIGKILL``, ``exit code 1``)."""
+    rss_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersState:
+    """The worker processes of a supervisor (``LT_WORKERS`` > 1)."""
+
+    workers: tuple[WorkerHealth, ...]
+    rooms_reopening: int = 0
+    """Rooms of a worker that stopped, not yet re-opened on another."""
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for worker in self.workers if worker.state == "ready")
+
+
+@dataclass(frozen=True, slots=True)
 class HealthInputs:
     rooms: list[RoomSummary]
     missing_config: list[str]
@@ -39,6 +70,8 @@ class HealthInputs:
     rooms_cap: int = 0
     cluster: ClusterState | None = None
     """None in a single process (no LT_NATS_URL)."""
+    workers: WorkersState | None = None
+    """None in a single process (LT_WORKERS=1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +126,20 @@ def assess(inputs: HealthInputs) -> Health:
         )
     elif cluster is not None and cluster.rooms_unleased:
         degraded.append(f"{cluster.rooms_unleased} room(s) running here without a lease, being re-claimed")
+    workers = inputs.workers
+    if workers is not None:
+        if workers.ready == 0:
+            failing.append("no worker process is running")
+        for worker in workers.workers:
+            if worker.state == "restarting":
+                why = f" ({worker.last_exit})" if worker.last_exit else ""
+                degraded.append(f"worker {worker.index} stopped{why} and is being restarted")
+            elif worker.state != "ready":
+                degraded.append(f"worker {worker.index} is {worker.state}")
+            elif not worker.answering:
+                degraded.append(f"worker {worker.index} does not answer")
+        if workers.rooms_reopening:
+            degraded.append(f"{workers.rooms_reopening} room(s) being re-opened after their worker stopped")
     if not inputs.engine_ready:
         degraded.append(f"STT engine {inputs.engine_name} is starting")
     if not inputs.enabled:

@@ -1,4 +1,6 @@
-"""``live-transcription serve``: the ExApp's HTTP server and the service under it.
+"""``live-transcription serve``: the ExApp's HTTP server and the service under it
+(the rooms in this process, or, with ``LT_WORKERS`` > 1, a supervisor of
+worker processes that own them).
 
 Shutdown on SIGTERM/SIGINT, bounded end to end by ``SHUTDOWN_SECONDS`` from
 the signal, whatever clients do: the server stops accepting at once and
@@ -14,20 +16,25 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from types import FrameType
 
 import uvicorn
 
 from live_transcription import loop as event_loop
 from live_transcription import metrics
-from live_transcription.api.app import OPEN_PATHS, create_app
+from live_transcription.api.app import OPEN_PATHS, ServiceRuntime, create_app
 from live_transcription.api.http_front import FrontLimits, HttpFront
 from live_transcription.cluster.node import ClusterUnavailable
 from live_transcription.config import ConfigError, Settings, load_settings
 from live_transcription.logs import flush_repeats, setup_logging
 from live_transcription.service import running_service
+from live_transcription.workers import WorkersUnavailable
 
 log = logging.getLogger(__name__)
+
+Service = Callable[[Settings], AbstractAsyncContextManager[ServiceRuntime]]
 
 SHUTDOWN_SECONDS = 20.0
 _UVICORN_MARGIN = 2.0
@@ -60,6 +67,7 @@ async def run_server(
     *,
     started: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    service: Service = running_service,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then leave every call;
     everything after the signal takes SHUTDOWN_SECONDS at most. ``started``
@@ -67,7 +75,7 @@ async def run_server(
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(None) as deadline:
-            async with running_service(settings) as runtime:
+            async with service(settings) as runtime:
                 front = HttpFront(FrontLimits.from_settings(settings, OPEN_PATHS))
                 config = uvicorn.Config(
                     create_app(runtime),
@@ -95,9 +103,7 @@ async def run_server(
                     waiter.cancel()
                 deadline.reschedule(loop.time() + SHUTDOWN_SECONDS)
                 log.info("shutting down: %d HTTP connection(s) open", len(front.connections))
-                runtime.manager.stop_accepting()
-                if runtime.cluster is not None:
-                    runtime.cluster.stop_accepting()
+                runtime.stop_accepting()
                 server.should_exit = True
                 again = asyncio.create_task(server.signalled_again.wait())
                 await asyncio.wait({serving, again}, timeout=settings.http_shutdown_grace)
@@ -132,37 +138,36 @@ def _ignore_signal(signum: int, frame: object) -> None:
     shutdown (leaving calls) instead of dying at once."""
 
 
-def serve() -> int:
+def serve(workers: int | None = None) -> int:
+    """``workers`` (``--workers``) overrides ``LT_WORKERS``."""
     try:
-        settings = load_settings()
+        settings = load_settings() if workers is None else load_settings(LT_WORKERS=workers)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    secrets = [
-        s.get_secret_value()
-        for s in (
-            settings.app_secret,
-            settings.internal_secret,
-            settings.modal_key,
-            settings.modal_secret,
-            settings.moshi_api_key,
-        )
-    ]
-    setup_logging(settings.log_level, settings.log_format, secrets)
+    setup_logging(settings.log_level, settings.log_format, settings.secret_values())
     missing = settings.missing_for_calls()
     if missing:
         log.warning("not configured for calls yet: %s", ", ".join(missing))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore_signal)
+    service: Service = running_service
+    if settings.worker_count > 1:
+        from live_transcription.workers.supervisor import supervised_service  # noqa: PLC0415
+
+        service = supervised_service
     try:
         event_loop.run(
-            run_server(settings),
+            run_server(settings, service=service),
             settings.event_loop,
             settings.udp_tick_ms,
             metrics.udp_sends_dropped.inc,
         )
     except ClusterUnavailable as exc:
         log.error("cannot start: %s (LT_NATS_URL)", exc)
+        return 1
+    except WorkersUnavailable as exc:
+        log.error("cannot start: %s", exc)
         return 1
     finally:
         flush_repeats()  # counts of repeats held back until now are written, not lost

@@ -4,9 +4,10 @@ Each process exports Prometheus text. The merge keeps each family once
 (its ``# HELP`` and ``# TYPE``), and takes each family's samples from the
 process that owns what it measures:
 
-- the supervisor's HTTP front, its cluster node and its workers
-  (``live_transcription_http_connections*``, ``live_transcription_cluster_*``,
-  ``live_transcription_worker*``): the supervisor's samples, as they are;
+- the supervisor's HTTP front, its cluster node, its workers and what it
+  answers Talk's ``/capabilities`` with (``live_transcription_http_connections*``,
+  ``live_transcription_cluster_*``, ``live_transcription_worker*``,
+  ``live_transcription_translation_available``): the supervisor's samples, as they are;
 - every other ``live_transcription_*`` family (rooms, speakers, captions,
   STT, ...): the workers' samples, each with a ``worker="<index>"`` label;
 - the rest (``process_*``, ``python_*``): every process, the supervisor's
@@ -28,6 +29,7 @@ SUPERVISOR_PREFIXES = (
     "live_transcription_http_connections",
     "live_transcription_cluster_",
     "live_transcription_worker",
+    "live_transcription_translation_available",
 )
 SERVICE_PREFIX = "live_transcription_"
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
