@@ -353,6 +353,8 @@ class Service:
             "LT_MAX_ROOMS": "1000",
             "LT_LOG_LEVEL": self._opts.service_log_level,
             "LT_PARTIAL_INTERVAL_MS": str(self._opts.partial_interval_ms),
+            # the figures are one process's: its CPU and memory are read from /proc
+            "LT_WORKERS": "1",
             **{name: os.environ[name] for name in ("LT_EVENT_LOOP", "LT_UDP_TICK_MS") if name in os.environ},
         }
         command = shlex.split(self._opts.service_cmd) or [str(VENV_BIN / "live-transcription"), "serve"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -21,15 +21,20 @@ def free_port() -> int:
         return port
 
 
-async def start_serve(env: Mapping[str, str], stderr_path: Path) -> asyncio.subprocess.Process:
-    """The service with ``env`` as its whole environment, stderr to a file."""
+async def start_serve(
+    env: Mapping[str, str], stderr_path: Path, args: Sequence[str] = ()
+) -> asyncio.subprocess.Process:
+    """The service with ``env`` as its whole environment, stderr to a file;
+    ``args`` after ``serve``. One process (``LT_WORKERS=1``) unless ``env``
+    or ``args`` say otherwise: the default would depend on the machine."""
     with stderr_path.open("wb") as stderr:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "live_transcription.cli",
             "serve",
-            env=dict(env),
+            *args,
+            env={"LT_WORKERS": "1", **env},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,

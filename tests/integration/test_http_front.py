@@ -72,6 +72,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "LT_HTTP_HEADER_TIMEOUT_SECONDS": "1",
         "LT_HTTP_BODY_TIMEOUT_SECONDS": "1",
         "LT_HTTP_MAX_CONNECTIONS": "50",
+        "LT_WORKERS": "1",
     }
     with log.open("wb") as stderr:
         process = subprocess.Popen(

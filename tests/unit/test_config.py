@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
+from live_transcription import cli, config
 from live_transcription.config import ConfigError, Engine, load_settings
 
 ENV_NAMES = [
@@ -23,6 +27,9 @@ ENV_NAMES = [
     "LT_MODAL_URL",
     "LT_MOSHI_URL",
     "LT_MOSHI_API_KEY",
+    "LT_WORKERS",
+    "LT_MAX_ROOMS",
+    "LT_MAX_SPEAKERS",
 ]
 
 
@@ -114,3 +121,49 @@ def test_secrets_never_show_in_errors_or_repr(monkeypatch: pytest.MonkeyPatch) -
 def test_hpb_url_becomes_websocket(monkeypatch: pytest.MonkeyPatch, url: str, ws: str) -> None:
     monkeypatch.setenv("LT_HPB_URL", url)
     assert load_settings().hpb_ws_url == ws
+
+
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "usable_cores", lambda: 6)
+    assert load_settings().worker_count == 6
+    # each worker needs a share of the caps: the default stays within them
+    monkeypatch.setenv("LT_MAX_ROOMS", "4")
+    assert load_settings().worker_count == 4
+
+
+def test_usable_cores_is_the_affinity_not_the_machine() -> None:
+    assert config.usable_cores() == len(os.sched_getaffinity(0))
+
+
+def test_lt_workers_is_read_and_the_cli_flag_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LT_WORKERS", "3")
+    assert load_settings().worker_count == 3
+    assert load_settings(LT_WORKERS=1).worker_count == 1  # what `serve --workers 1` passes
+    seen: list[int | None] = []
+
+    def fake_serve(workers: int | None = None) -> int:
+        seen.append(workers)
+        return 0
+
+    monkeypatch.setattr("live_transcription.api.server.serve", fake_serve)
+    assert cli.main(["serve", "--workers", "2"]) == 0
+    assert cli.main(["serve"]) == 0
+    assert seen == [2, None]
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--workers", "0"])
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LT_WORKERS": "0"}, "LT_WORKERS"),
+        ({"LT_WORKERS": "3", "LT_MAX_ROOMS": "2"}, "LT_WORKERS=3 is more than LT_MAX_ROOMS (2)"),
+    ],
+)
+def test_bad_worker_counts_say_why(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings()
