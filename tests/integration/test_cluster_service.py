@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -491,6 +492,104 @@ async def test_a_killed_serve_process_has_its_call_taken_over(
                 new_sessions = set(cluster.our_sessions("meeting")) - {old_session}
                 assert len(new_sessions) == 1
                 assert {sender for sender, _ in finals_since(viewer, mark, "alice")} == new_sessions
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+# --- a replica with worker processes ----------------------------------------------------------------------
+
+
+async def test_a_serve_process_with_workers_is_one_replica(
+    nats_server: NatsServerProcess, tmp_path: Path
+) -> None:
+    """``serve --workers 2`` with LT_NATS_URL: the supervisor is the replica
+    (it holds the leases, its load is its workers'), requests forwarded to it
+    reach the worker running the call, a killed worker's call is re-joined on
+    this replica with its lease kept, and a SIGTERM leaves the calls to the
+    other replica, which takes them over."""
+    async with cluster_on(nats_server, tmp_path) as cluster:
+        calls = {"meeting": "alice", "standup": "bob"}
+        for index, (room, speaker) in enumerate(calls.items()):
+            await cluster.add_call(room, speaker, 240 + 60 * index)
+        port = free_port()
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("LT_", "APP_", "MODAL_", "NEXTCLOUD"))
+        }
+        env |= {
+            "APP_SECRET": APP_SECRET,
+            "APP_PORT": str(port),
+            "APP_HOST": "127.0.0.1",
+            "NEXTCLOUD_URL": BACKEND,
+            "LT_HPB_URL": cluster.hpb.url,
+            "LT_INTERNAL_SECRET": SECRET,
+            "LT_STT_ENGINE": "instant",
+            "LT_NATS_URL": nats_server.url,
+            "LT_REPLICA_ID": "workers",
+            "LT_CLUSTER_LEASE_TTL_SECONDS": "3",
+            "LT_ROOM_LINGER_SECONDS": "3600",
+        }
+        process = await start_serve(env, tmp_path / "workers.log", ["--workers", "2"])
+        try:
+            async with (
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as supervised,
+                contextlib.AsyncExitStack() as viewers_stack,
+            ):
+                await wait_serving(supervised, process)
+                viewers: dict[str, SimClient] = {}
+                for room in calls:
+                    viewers[room] = await viewers_stack.enter_async_context(
+                        SimClient(cluster.hpb.url, room, f"talk-{room}")
+                    )
+                    body = {"roomToken": room, "ncSessionId": f"talk-{room}", "enable": True, "langId": "fr"}
+                    reply = await supervised.post("/api/v1/call/transcribe", json=body, headers=auth())
+                    assert reply.status_code == 200, reply.text
+                for room, speaker in calls.items():
+                    await resumed_captions(viewers[room], 0, speaker, language="fr")
+                health = (await supervised.get("/healthz")).json()
+                assert health["cluster"]["replica"] == "workers" and health["cluster"]["rooms_owned"] == 2
+                assert [p["rooms"] for p in health["workers"]["processes"]] == [1, 1]
+
+                # another replica forwards Talk's request to the supervisor, which hands it to the worker
+                other = await cluster.start_replica("b")
+                reply = await other.transcribe("meeting", "talk-meeting-2")
+                assert reply.status_code == 200, reply.text
+                assert not other.has_room("meeting")
+                both = RoomRecord("meeting", "fr", frozenset({"talk-meeting", "talk-meeting-2"}))
+                await until_leased(nats_server, both)
+
+                # a worker killed: its call is re-joined on this replica, which keeps the lease
+                old = {room: cluster.our_sessions(room) for room in calls}
+                marks = {room: len(captions(viewers[room])) for room in calls}
+                victim = health["workers"]["processes"][0]["pid"]
+                os.kill(victim, signal.SIGKILL)
+
+                def moved() -> list[str]:
+                    return [r for r in calls if cluster.our_sessions(r) not in ([], old[r])]
+
+                await until(lambda: len(moved()) == 1, "the killed worker's call is joined again")
+                for room, speaker in calls.items():
+                    await resumed_captions(viewers[room], marks[room], speaker, language="fr")
+                assert other.node.takeovers == 0 and not other.has_room(moved()[0])
+                health = (await supervised.get("/healthz")).json()
+                assert health["cluster"]["rooms_owned"] == 2
+                if moved()[0] == "meeting":
+                    await until_leased(nats_server, both)
+
+                # SIGTERM: the calls are left with their leases, and the other replica takes them over
+                marks = {room: len(captions(viewers[room])) for room in calls}
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(DEADLINE):
+                    assert await process.wait() == 0
+                await until(
+                    lambda: all(other.has_room(room) for room in calls), "the other replica took over"
+                )
+                for room, speaker in calls.items():
+                    await resumed_captions(viewers[room], marks[room], speaker, language="fr")
+                room_found = other.manager.room("meeting")
+                assert room_found is not None
+                await until_targets(room_found, {"talk-meeting", "talk-meeting-2"})
         finally:
             if process.returncode is None:
                 process.kill()

@@ -402,6 +402,9 @@ class WorkerPool:
             return None
         worker.launched = launched
         worker.alive = True
+        if self._stopping:  # the drain was sent while it was starting
+            worker.state = DRAINING
+            launched.channel.send(DrainMessage())
         status: int | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -560,7 +563,7 @@ class WorkerPool:
                 if entry is None or entry.record is None or not self._accepting:
                     return
                 worker = await self._worker_for(room)
-                if worker is None:
+                if worker is None or entry.record is None:
                     return
                 ok, why = await self._resume_on(worker, entry, entry.record)
                 if ok:
@@ -712,7 +715,9 @@ class WorkerPool:
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         worker.pending[request_id] = future
         try:
-            launched.channel.send(make(request_id))
+            if not launched.channel.send(make(request_id)):
+                metrics.worker_requests_refused.labels("worker-down").inc()
+                raise WorkerUnavailable(f"worker {worker.index} stopped")
             async with asyncio.timeout(deadline):
                 return await future
         finally:
@@ -729,6 +734,18 @@ class WorkerPool:
             self._side_task(send(), f"worker-{worker.index}-request")
 
     async def leave_all(self, reason: str) -> None:
+        """Leave every call (the app was disabled); calls waiting to be
+        re-opened are not re-opened."""
+        for room in list(self._reopening):
+            entry = self._rooms.get(room)
+            if entry is not None:
+                entry.record = None
+        waiting = [event.wait() for event in self._reopening.values()]
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._command_timeout):
+                    await asyncio.gather(*waiting)
+
         async def leave(worker: Worker) -> None:
             with contextlib.suppress(WorkerUnavailable, TimeoutError):
                 await self._ask(worker, lambda id: LeaveAll(id, reason), self._command_timeout)
@@ -811,8 +828,8 @@ class WorkerPool:
                 return None
             return answer.status if isinstance(answer, StatusReport) else None
 
-        statuses = await asyncio.gather(*(status(worker) for worker in self.workers if worker.state == READY))
-        answered = iter(statuses)
+        ready = [worker for worker in self.workers if worker.state == READY]
+        answers = dict(zip(ready, await asyncio.gather(*(status(worker) for worker in ready)), strict=True))
         return [
             WorkerView(
                 index=worker.index,
@@ -822,7 +839,7 @@ class WorkerPool:
                 speakers=worker.speakers,
                 restarts=worker.restarts,
                 last_exit=worker.last_exit,
-                status=next(answered) if worker.state == READY else None,
+                status=answers.get(worker),
             )
             for worker in self.workers
         ]

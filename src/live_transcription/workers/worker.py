@@ -67,6 +67,8 @@ LOAD_EVERY = 1.0
 """Seconds between load reports (also sent with every answer)."""
 MAX_INFLIGHT = 512
 """Requests served at once; the supervisor sends fewer, this is a backstop."""
+INFLIGHT_GRACE = 3.0
+"""When told to stop, requests in flight get this long before the calls are left."""
 
 Service = Callable[[Settings], AbstractAsyncContextManager[Runtime]]
 
@@ -132,6 +134,7 @@ class WorkerServer:
         self._max_inflight = max_inflight
         self._clock = clock or MonotonicClock()
         self._inflight = 0
+        self._serving: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> str:
         """Serve until the supervisor says ``Drain`` ("drain"), ``stop`` is set
@@ -149,9 +152,13 @@ class WorkerServer:
             stopping = tasks.create_task(stop.wait(), name="worker-stop")
             await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
             why = reading.result() if reading.done() else "signal"
-            for task in (reading, stopping, *background):
+            for task in (reading, stopping):
                 task.cancel()
             runtime.stop_accepting()  # joins still pending give up: their requests end now
+            if self._serving:
+                await asyncio.wait(self._serving, timeout=INFLIGHT_GRACE)
+            for pending in (*self._serving, *background):  # the calls are left next, whatever they wait for
+                pending.cancel()
         return why
 
     async def _read(self, tasks: asyncio.TaskGroup) -> str:
@@ -167,7 +174,9 @@ class WorkerServer:
                         self._answer(Failed(item.id, "busy"))
                         continue
                     self._inflight += 1
-                    tasks.create_task(self._serve(item))
+                    serving = tasks.create_task(self._serve(item))
+                    self._serving.add(serving)
+                    serving.add_done_callback(self._serving.discard)
                 case _:
                     log.warning("unexpected %s from the supervisor", type(item).__name__)
         return "eof"
