@@ -266,12 +266,17 @@ async def test_rooms_spread_and_a_killed_workers_calls_come_back_for_every_viewe
         )
         assert reopened == {"reopened": float(victim["rooms"]), "failed": 0.0}
         entries = service.log_entries()
-        [warning] = [e for e in entries if e.get("event") == "worker-stopped"]
+        [warning] = [e for e in entries if (e.get("event"), e.get("state")) == ("worker", "stopped")]
         assert warning["level"] == "warning" and warning["worker"] == victim["worker"]
         assert (
             f"worker {victim['worker']} (pid {victim['pid']}) stopped (killed by SIGKILL)" in warning["msg"]
         )
         assert all(short_token(room) in warning["msg"] for room in moved)
+        ready = [e for e in entries if e.get("state") == "ready" and e["worker"] == victim["worker"]]
+        assert [e["msg"] for e in ready] == [
+            f"worker {victim['worker']} ready (pid {victim['pid']})",
+            f"worker {victim['worker']} ready (pid {worker['pid']})",
+        ]
         assert not any(room in warning["msg"] for room in moved), "room tokens are logged shortened"
 
 
@@ -323,7 +328,9 @@ async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
     messages = [e["msg"] for e in entries]
     assert "stopped" in messages
     assert not any("longer than" in m for m in messages)
-    assert not any(e.get("event") == "worker-stopped" for e in entries), "no worker was restarted"
+    assert not any((e.get("event"), e.get("state")) == ("worker", "stopped") for e in entries), (
+        "no worker was restarted"
+    )
     left = [
         e
         for e in entries

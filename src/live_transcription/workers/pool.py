@@ -456,7 +456,10 @@ class WorkerPool:
                     if worker.state == STARTING:
                         worker.state = READY
                     log.info(
-                        "worker %d ready (pid %d)", worker.index, item.pid, extra={"worker": worker.index}
+                        "worker %d ready (pid %d)",
+                        worker.index,
+                        item.pid,
+                        extra={"worker": worker.index, "event": "worker", "state": "ready"},
                     )
                     self._notify()
                 case Load():
@@ -500,7 +503,8 @@ class WorkerPool:
             how,
             len(reopen),
             f": {', '.join(short_token(room) for room in reopen)}" if reopen else "",
-            extra={"worker": worker.index, "event": "worker-stopped"},
+            # a state change: never held back as a repeat, however often it restarts
+            extra={"worker": worker.index, "event": "worker", "state": "stopped"},
         )
         for room in reopen:
             self._start_reopen(room)
