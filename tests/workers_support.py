@@ -35,6 +35,12 @@ class FakeWorker:
     task: asyncio.Task[None]
     exited: asyncio.Future[int]
     why: list[str] = field(default_factory=list)
+    killed: bool = False
+
+    @property
+    def running(self) -> bool:
+        """Not killed (a killed one still closes its rooms while it is cancelled)."""
+        return not self.killed and not self.task.done()
 
 
 class InProcessLauncher:
@@ -98,6 +104,7 @@ class InProcessLauncher:
         self.started.append(fake)
 
         def kill() -> None:
+            fake.killed = True
             their_writer.transport.abort()
             task.cancel()
 

@@ -33,7 +33,7 @@ class Pool:
     node: FakeNode
 
     def worker_of(self, room: str) -> FakeWorker:
-        [owner] = [w for w in self.launcher.started if not w.task.done() and w.manager.room(room)]
+        [owner] = [w for w in self.launcher.started if w.running and w.manager.room(room)]
         return owner
 
 
@@ -151,7 +151,7 @@ async def test_a_killed_worker_is_restarted_and_its_rooms_reopened_with_targets_
 
         # every room of the killed worker runs again, on a running worker, with its targets and language
         def reopened() -> bool:
-            running = [w for w in env.launcher.started if not w.task.done()]
+            running = [w for w in env.launcher.started if w.running]
             return all(any(w.manager.room(room) for w in running) for room in theirs)
 
         await until(reopened)
@@ -177,7 +177,7 @@ async def test_a_killed_worker_is_restarted_and_its_rooms_reopened_with_targets_
             f"worker {victim.index} " in r.getMessage() and all(room[:4] in r.getMessage() for room in theirs)
             for r in warnings
         ), [r.getMessage() for r in warnings]
-        assert env.pool.rooms_reopened == 2
+        await until(lambda: env.pool.rooms_reopened == 2 and env.pool.rooms_reopening == 0)
         # the survivor's own rooms never moved
         survivor = env.launcher.current(survivor_index)
         assert {room for room in ("room0", "room1", "room2", "room3") if survivor.manager.room(room)} >= (
