@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import scale
 from bench.procstat import slope
 
 Json = dict[str, Any]
@@ -383,6 +384,7 @@ def markdown(results: Json, images: dict[str, str]) -> str:
     from bench import production  # here: production imports this module
 
     parts += [production.section(results), ""]
+    parts += [scale.section(results), ""]
     parts += [
         "## Against the targets: the in-process lower bound (instant engine, no STT transport)"
         if results.get("runs")
