@@ -372,6 +372,9 @@ class Service:
             # one process unless a scenario asks for workers: the default is
             # one worker per core, and the single-process figures are per process
             "LT_WORKERS": str(self._workers),
+            # a crash in native code (libopus, libsrtp, a socket filter) leaves
+            # its traceback in the service's log instead of a silent exit
+            "PYTHONFAULTHANDLER": "1",
             **self._extra_env,
             **{name: os.environ[name] for name in ("LT_EVENT_LOOP", "LT_UDP_TICK_MS") if name in os.environ},
         }
@@ -411,6 +414,10 @@ class Service:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
     def worker_pids(self) -> list[int]:
         """The service's worker processes (its child processes), oldest first."""
         assert self.sampler is not None
@@ -426,7 +433,12 @@ class Service:
 
     def sample(self) -> Sample:
         assert self.sampler is not None
-        return self.sampler.sample()
+        try:
+            return self.sampler.sample()
+        except OSError:
+            raise RuntimeError(
+                f"the service exited (status {self.returncode}); see service-{self._label}.log"
+            ) from None
 
     async def transcribe(self, token: str, target: str, enable: bool = True) -> None:
         body = {"roomToken": token, "ncSessionId": target, "enable": enable, "langId": "en"}
@@ -855,7 +867,7 @@ async def scenario_production(
             if n == opts.profile_at and opts.profile_seconds > 0 and not workers:
                 profile = await profile_service(service.pid, opts, f"{label}-{n}") | {"n": n}
             if not service.alive():
-                log.error("the service died at N=%d", n)
+                log.error("the service died at N=%d (exit status %s)", n, service.returncode)
                 break
             if workers and scale.miss_reasons(asdict(window)):
                 break  # past capacity: the next steps would only pile up
@@ -936,7 +948,7 @@ async def scenario_meeting(opts: Options, word_map: WordMap | None, *, engine: s
             if target == opts.profile_at and opts.profile_seconds > 0 and workers == 1:
                 profile = await profile_service(service.pid, opts, f"{label}-{total}") | {"n": total}
             if not service.alive():
-                log.error("the service died at N=%d", total)
+                log.error("the service died at N=%d (exit status %s)", total, service.returncode)
                 break
         words = await account_words(loadgen, fake, opts.settle)
         for token in opened:
