@@ -61,6 +61,9 @@ Json = dict[str, Any]
 LOAD_SCENARIOS = ("active", "silent", "meeting")
 ALL_SCENARIOS = (*LOAD_SCENARIOS, "churn", "soak")
 SCALE_SCENARIOS = ("capacity", "failover")
+PUBLISH_AND_SCAN_S = 9.0
+"""A replica's published load reaches the others within ClusterOptions'
+publish_every + scan_every (5 s + 3 s at the default lease TTL)."""
 """Scale-out (worker processes, replicas through NATS); not part of ``all``."""
 ENGINES = ("modal", "moshi", "instant")
 TALK_MS = 3000
@@ -1080,7 +1083,19 @@ async def failover_replica(opts: Options, word_map: WordMap | None, engine: str)
                 )
             )
         first_replica, second_replica = replicas
+        for replica in replicas:
+            await replica.wait_health(
+                "both replicas ready and seen",
+                lambda body: body.get("ready") and body.get("cluster", {}).get("replicas", 0) >= 2,
+            )
+        # a replica's load (accepting, once its rooms can run) reaches the
+        # others within one publish and one scan (5 s + 3 s by default);
+        # nothing shows when, so the harness waits that long
+        await asyncio.sleep(PUBLISH_AND_SCAN_S)
         rooms, tokens = await _open_failover_rooms(first_replica, loadgen, opts, "fr")
+        owned = [(await r.health()).get("cluster", {}).get("rooms_owned") for r in replicas]
+        if not owned[1]:
+            raise RuntimeError(f"replica b owns no room (rooms owned: {owned}): nothing to fail over")
         health_before = [await r.health() for r in replicas]
         before = await first_replica.metrics()
         killed_at = time.monotonic()
