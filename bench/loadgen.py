@@ -27,7 +27,8 @@ Commands (``{"id": n, "cmd": ...}``, answered with ``{"id": n, ...}``):
 publishers in call with audio), ``remove`` (participants leave),
 ``end_room``, ``wait_connected``, ``stats``, ``last_captions`` (when each
 room's last transcript arrived), ``watch_captions`` and ``watched`` (each
-room's first transcript after a moment) and ``quit``. The process stops by
+room's first transcript after a moment), ``room_clients`` (the service's
+sessions in each room) and ``quit``. The process stops by
 itself on ``quit``, on end of input (the harness went away) or after
 ``--max-seconds``.
 """
@@ -610,6 +611,14 @@ class LoadGenerator:
             self._watch_since = float(command["since"])
             self._first_caption = {}
             return {}
+        if cmd == "room_clients":
+            # the service's own sessions in each room: a room re-opened by
+            # another worker or replica shows a new one
+            return {
+                "rooms": {
+                    token: self.emulator.sessions_in_room(token, internal=True) for token in self._rooms
+                }
+            }
         if cmd == "watched":
             return {"now": time.monotonic(), "rooms": dict(self._first_caption)}
         raise ValueError(f"unknown command {cmd!r}")

@@ -1019,10 +1019,12 @@ async def failover_worker(opts: Options, word_map: WordMap | None, engine: str) 
         workers = service.worker_pids()
         if len(workers) < 2:
             raise RuntimeError(f"expected 2 worker processes, found {workers}")
+        clients = (await loadgen.call("room_clients"))["rooms"]
         killed_at = time.monotonic()
         os.kill(workers[0], signal.SIGKILL)
         first = await captions_after(loadgen, tokens, killed_at, opts.failover_deadline)
         times = scale.resume_times(killed_at, first, tokens)
+        moved = scale.moved_rooms(clients, (await loadgen.call("room_clients"))["rooms"])
         health_after = await service.health()
         changed = analysis.diff(await service.metrics(), before)
         words = await account_words(loadgen, fake, opts.settle)
@@ -1035,7 +1037,8 @@ async def failover_worker(opts: Options, word_map: WordMap | None, engine: str) 
             " room has captions; its supervisor restarts it and re-opens its rooms with their targets."
         ),
         "times_s": times,
-        "summary": scale.resume_summary(times),
+        "summary": scale.resume_summary(times, moved),
+        "moved": sorted(moved),
         "deadline_s": opts.failover_deadline,
         "health_before": health_before,
         "health_after": health_after,
@@ -1098,10 +1101,12 @@ async def failover_replica(opts: Options, word_map: WordMap | None, engine: str)
             raise RuntimeError(f"replica b owns no room (rooms owned: {owned}): nothing to fail over")
         health_before = [await r.health() for r in replicas]
         before = await first_replica.metrics()
+        clients = (await loadgen.call("room_clients"))["rooms"]
         killed_at = time.monotonic()
         await second_replica.kill()
         first = await captions_after(loadgen, tokens, killed_at, opts.failover_deadline)
         times = scale.resume_times(killed_at, first, tokens)
+        moved = scale.moved_rooms(clients, (await loadgen.call("room_clients"))["rooms"])
         health_after = await first_replica.health()
         changed = analysis.diff(await first_replica.metrics(), before)
         words = await account_words(loadgen, fake, opts.settle)
@@ -1116,7 +1121,8 @@ async def failover_replica(opts: Options, word_map: WordMap | None, engine: str)
             f" expire (LT_CLUSTER_LEASE_TTL_SECONDS, default {ttl:g} s) and replica a takes its rooms over."
         ),
         "times_s": times,
-        "summary": scale.resume_summary(times),
+        "summary": scale.resume_summary(times, moved),
+        "moved": sorted(moved),
         "deadline_s": opts.failover_deadline,
         "health_before": health_before,
         "health_after": health_after,

@@ -11,15 +11,16 @@ reports them.
   rooms), or one of two replicas sharing a nats-server is killed (its leases
   expire and the other replica takes the rooms over). Per room, the time
   from the kill to the first caption after it. Rooms on the survivors keep
-  their captions: theirs come back within a pause of the talk pattern, so a
-  room counts as *interrupted* when its first caption after the kill took
-  longer than ``INTERRUPTED_AFTER_S``.
+  their captions; a room counts as *interrupted* when the service re-opened
+  it (its service session at the HPB changed), or, where that is not known,
+  when its first caption after the kill took longer than
+  ``INTERRUPTED_AFTER_S``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 Json = dict[str, Any]
@@ -63,9 +64,22 @@ def resume_times(
     return {room: (first_after[room] - killed_at) if room in first_after else None for room in rooms}
 
 
-def resume_summary(times: Mapping[str, float | None]) -> Json:
-    interrupted = sorted(t for t in times.values() if t is not None and t > INTERRUPTED_AFTER_S)
-    kept = [t for t in times.values() if t is not None and t <= INTERRUPTED_AFTER_S]
+def moved_rooms(before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]]) -> set[str]:
+    """Rooms the service re-opened: their service session at the HPB changed
+    (a new worker's or replica's connection joined)."""
+    return {room for room, sessions in after.items() if set(sessions) - set(before.get(room, ()))}
+
+
+def resume_summary(times: Mapping[str, float | None], moved: Collection[str] | None = None) -> Json:
+    """Rooms that kept their captions and rooms that were interrupted: the
+    rooms the service re-opened (``moved``) when known, else those whose
+    first caption after the kill took longer than ``INTERRUPTED_AFTER_S``."""
+
+    def was_interrupted(room: str, seconds: float) -> bool:
+        return room in moved if moved is not None else seconds > INTERRUPTED_AFTER_S
+
+    interrupted = sorted(t for r, t in times.items() if t is not None and was_interrupted(r, t))
+    kept = [t for r, t in times.items() if t is not None and not was_interrupted(r, t)]
     never = sum(1 for t in times.values() if t is None)
     return {
         "rooms": len(times),

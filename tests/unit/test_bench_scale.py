@@ -104,3 +104,17 @@ def test_merge_brings_scale_runs_and_their_command_only() -> None:
     assert results["failover"] == other["failover"]
     assert results["scale_commands"] == ["second"]
     assert results["durations_s"] == {"meeting/modal/present": 300}
+
+
+def test_rooms_the_service_reopened_are_the_interrupted_ones_however_fast() -> None:
+    before = {"r1": ["s-1"], "r2": ["s-2"], "r3": ["s-3"]}
+    after = {"r1": ["s-1"], "r2": ["s-9"], "r3": ["s-3", "s-10"]}
+    moved = scale.moved_rooms(before, after)
+    assert moved == {"r2", "r3"}
+    summary = scale.resume_summary({"r1": 3.0, "r2": 0.9, "r3": 1.4}, moved)
+    assert (summary["kept"], summary["interrupted"]) == (1, 2)
+    assert (summary["interrupted_median_s"], summary["interrupted_max_s"], summary["kept_max_s"]) == (
+        1.4,
+        1.4,
+        3.0,
+    )
