@@ -1412,6 +1412,8 @@ async def run(opts: Options, command: str) -> Json:
     for engine, shape, scenario in load_runs(opts):
         levels = shape == "present"
         key = f"{scenario}/{engine}/{shape}"
+        if scenario == "meeting" and opts.meeting_workers != 1:
+            key += f"/w{opts.meeting_workers}"  # apart from the one-process run
         started = time.monotonic()
         log.info("scenario %s", key)
         try:
