@@ -25,7 +25,10 @@ counts.
 Commands (``{"id": n, "cmd": ...}``, answered with ``{"id": n, ...}``):
 ``room`` (create a room with one caption target), ``speakers`` (add
 publishers in call with audio), ``remove`` (participants leave),
-``end_room``, ``wait_connected``, ``stats`` and ``quit``. The process stops by
+``end_room``, ``wait_connected``, ``stats``, ``last_captions`` (when each
+room's last transcript arrived), ``watch_captions`` and ``watched`` (each
+room's first transcript after a moment), ``room_clients`` (the service's
+sessions in each room) and ``quit``. The process stops by
 itself on ``quit``, on end of input (the harness went away) or after
 ``--max-seconds``.
 """
@@ -406,6 +409,12 @@ class LoadGenerator:
         """The same counts, never reset (a scenario's lost-word check)."""
         self._speaker_kind: dict[str, str] = {}
         self._rooms: dict[str, list[str]] = {}
+        self._room_of: dict[str, str] = {}
+        self._last_caption: dict[str, float] = {}
+        """Per room, when its last transcript message arrived (monotonic)."""
+        self._watch_since = math.inf
+        self._first_caption: dict[str, float] = {}
+        """Per room, its first transcript message after ``_watch_since``."""
         self._names = itertools.count(1)
         self._ticker: Ticker | SendTicker | None = None
         self._bridge: DirectBridge | LeanBridge | None = None
@@ -429,6 +438,11 @@ class LoadGenerator:
         text = data.get("message")
         if not isinstance(speaker, str) or not isinstance(text, str):
             return
+        room = self._room_of.get(speaker)
+        if room is not None:
+            self._last_caption[room] = arrived
+            if arrived >= self._watch_since and room not in self._first_caption:
+                self._first_caption[room] = arrived
         sub = self.bridge.subscription_of(speaker)
         count = len(text.split())
         final = data.get("final") is not False
@@ -557,6 +571,7 @@ class LoadGenerator:
             token = str(command["token"])
             for sid in list(self._rooms.get(token, ())):
                 await self._remove(sid)
+            self._last_caption.pop(token, None)
             for sid in self.emulator.sessions_in_room(token, internal=False):
                 await self.emulator.remove_participant(sid)
             self._rooms.pop(token, None)
@@ -587,6 +602,25 @@ class LoadGenerator:
             return {}
         if cmd == "talking":
             return self._talking()
+        if cmd == "last_captions":
+            # monotonic clocks are one clock across the machine's processes
+            return {"now": time.monotonic(), "rooms": dict(self._last_caption)}
+        if cmd == "watch_captions":
+            # from ``since`` (the harness' monotonic time) on, note each
+            # room's first transcript message (fail-over: captions resume)
+            self._watch_since = float(command["since"])
+            self._first_caption = {}
+            return {}
+        if cmd == "room_clients":
+            # the service's own sessions in each room: a room re-opened by
+            # another worker or replica shows a new one
+            return {
+                "rooms": {
+                    token: self.emulator.sessions_in_room(token, internal=True) for token in self._rooms
+                }
+            }
+        if cmd == "watched":
+            return {"now": time.monotonic(), "rooms": dict(self._first_caption)}
         raise ValueError(f"unknown command {cmd!r}")
 
     async def _add_speakers(self, command: Json) -> list[str]:
@@ -606,6 +640,7 @@ class LoadGenerator:
                 token, session_id=sid, in_call=SPEAKER_FLAGS, user_id=f"user-{n}"
             )
             self._rooms.setdefault(token, []).append(sid)
+            self._room_of[sid] = token
             self._speaker_kind[sid] = kind
             sessions.append(sid)
         return sessions
@@ -630,6 +665,7 @@ class LoadGenerator:
                 token, session_id=sid, in_call=SPEAKER_FLAGS, user_id=f"user-{n}"
             )
             self._rooms.setdefault(token, []).append(sid)
+            self._room_of[sid] = token
             self._speaker_kind[sid] = "meeting"
             sessions.append(sid)
         return sessions
@@ -644,6 +680,7 @@ class LoadGenerator:
         await self.bridge.remove_publisher(sid)
         self._speaker_kind.pop(sid, None)
         self._shown.pop(sid, None)
+        self._room_of.pop(sid, None)
         if self.word_latency is not None:
             self.word_latency.forget(sid)
         for members in self._rooms.values():

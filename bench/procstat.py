@@ -7,6 +7,7 @@ CPU percent of one core over the interval between them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -58,6 +59,30 @@ def parse_stat(text: str) -> CpuTimes:
         return CpuTimes(int(fields[11]), int(fields[12]))
     except ValueError as exc:
         raise ProcParseError(f"stat utime/stime not integers: {exc}") from None
+
+
+def parse_stat_reaped(text: str) -> CpuTimes:
+    """cutime and cstime (fields 16 and 17) of ``/proc/<pid>/stat``: the CPU
+    of the process' children that ended and were waited for. A worker that
+    dies moves its CPU here, so a process tree's total stays whole."""
+    end = text.rfind(")")
+    if end < 0:
+        raise ProcParseError("no command name in stat")
+    fields = text[end + 1 :].split()
+    if len(fields) < 15:
+        raise ProcParseError(f"stat has {len(fields)} fields after the name, need 15")
+    try:
+        return CpuTimes(int(fields[13]), int(fields[14]))
+    except ValueError as exc:
+        raise ProcParseError(f"stat cutime/cstime not integers: {exc}") from None
+
+
+def parse_children(text: str) -> list[int]:
+    """The pids in ``/proc/<pid>/task/<tid>/children``."""
+    try:
+        return [int(word) for word in text.split()]
+    except ValueError as exc:
+        raise ProcParseError(f"children not pids: {exc}") from None
 
 
 def parse_status_rss(text: str) -> int:
@@ -124,3 +149,53 @@ class ProcessSampler:
         times = parse_stat((self._dir / "stat").read_text())
         rss = parse_status_rss((self._dir / "status").read_text())
         return Sample(wall, times.seconds(self._clock_ticks), rss, times.stime_ticks / self._clock_ticks)
+
+
+class TreeSampler:
+    """A process and all its descendants (a supervisor and its workers) as
+    one: CPU and RSS summed over the tree. The CPU of descendants that ended
+    and were waited for is counted through their parent's cutime/cstime, so
+    a worker killed between two samples does not take its CPU with it."""
+
+    def __init__(self, pid: int, *, proc: Path = Path("/proc"), clock_ticks: int = CLOCK_TICKS) -> None:
+        self.pid = pid
+        self._proc = proc
+        self._clock_ticks = clock_ticks
+
+    def pids(self) -> list[int]:
+        """The root and every live descendant, root first."""
+        found = [self.pid]
+        index = 0
+        while index < len(found):
+            pid = found[index]
+            index += 1
+            try:
+                tasks = list((self._proc / str(pid) / "task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    found.extend(parse_children((task / "children").read_text()))
+                except OSError:
+                    continue
+        return found
+
+    def sample(self) -> Sample:
+        wall = time.monotonic()
+        ticks = system = rss = 0
+        for index, pid in enumerate(self.pids()):
+            directory = self._proc / str(pid)
+            try:
+                stat = (directory / "stat").read_text()
+                status = (directory / "status").read_text()
+            except OSError:
+                if index == 0:
+                    raise
+                continue  # ended between the listing and the read
+            own = parse_stat(stat)
+            reaped = parse_stat_reaped(stat)
+            ticks += own.ticks + reaped.ticks
+            system += own.stime_ticks + reaped.stime_ticks
+            with contextlib.suppress(ProcParseError):  # a zombie has no VmRSS
+                rss += parse_status_rss(status)
+        return Sample(wall, ticks / self._clock_ticks, rss, system / self._clock_ticks)

@@ -115,7 +115,9 @@ def run_title(key: str, run: Json) -> str:
         if engine == "instant"
         else f"`{engine}` client over TLS to the fake STT"
     )
-    return f"{what}, {how}, audio levels {levels}"
+    workers = run.get("workers")
+    processes = f", {workers} worker process{'es' if workers != 1 else ''}" if workers else ""
+    return f"{what}, {how}, audio levels {levels}{processes}"
 
 
 def run_table(run: Json) -> str:
@@ -219,6 +221,8 @@ def targets(runs: dict[str, Json]) -> str:
     for key, run in sorted(runs.items()):
         if not isinstance(run, dict) or run.get("engine") == "instant" or "error" in run:
             continue
+        if "workers" in run:
+            continue  # scale-out runs: judged by bench.scale
         profile = run.get("profile") or {}
         kind, levels = run.get("kind"), run.get("levels")
         windows = [w for w in run.get("windows", []) if w.get("n", 0) > 0]

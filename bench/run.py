@@ -44,11 +44,11 @@ from typing import Any
 import httpx
 from tests.fakes.energy import EnergyWords
 
-from bench import analysis, meeting, report, stages
+from bench import analysis, meeting, report, scale, stages
 from bench.latency import WordMap, word_map_from_events
 from bench.lean_bridge import DEFAULT_AHEAD, MAX_AHEAD
 from bench.patterns import Pattern, build_pattern
-from bench.procstat import ProcessSampler, Sample, cpu_percent, percentile, slope
+from bench.procstat import ProcessSampler, Sample, TreeSampler, cpu_percent, percentile, slope
 from bench.profile import PY_SPY, record_command
 from bench.tls import LocalTls, make_local_tls
 
@@ -60,6 +60,11 @@ Json = dict[str, Any]
 
 LOAD_SCENARIOS = ("active", "silent", "meeting")
 ALL_SCENARIOS = (*LOAD_SCENARIOS, "churn", "soak")
+SCALE_SCENARIOS = ("capacity", "failover")
+PUBLISH_AND_SCAN_S = 9.0
+"""A replica's published load reaches the others within ClusterOptions'
+publish_every + scan_every (5 s + 3 s at the default lease TTL)."""
+"""Scale-out (worker processes, replicas through NATS); not part of ``all``."""
 ENGINES = ("modal", "moshi", "instant")
 TALK_MS = 3000
 PAUSE_MS = 1500
@@ -110,6 +115,15 @@ class Options:
     """``bench.loadgen --generator``: aiortc's sender per stream, or the lean one."""
     generator_ahead: int = DEFAULT_AHEAD
     """The lean generator's packets protected per batch and stream."""
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    """``capacity``: one run per worker count (``LT_WORKERS``)."""
+    capacity_steps: list[int] = field(default_factory=lambda: [50, 100, 150, 200, 250, 300, 400, 500])
+    meeting_workers: int = 1
+    """``LT_WORKERS`` of the meeting mix."""
+    failover_rooms: int = 10
+    failover_deadline: float = 90.0
+    merge_from: list[Path] = field(default_factory=list)
+    """Other runs' results.json whose scale-out figures join this report."""
 
 
 def _free_port() -> int:
@@ -312,8 +326,12 @@ class Service:
         label: str,
         *,
         stt_env: dict[str, str] | None = None,
+        workers: int = 1,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self._loadgen = loadgen
+        self._workers = workers
+        self._extra_env = extra_env or {}
         self._stt_env = stt_env or {"LT_STT_ENGINE": "instant"}
         self._internal_secret = secret
         self._app_secret = secrets.token_hex(16)
@@ -322,7 +340,8 @@ class Service:
         self._label = label
         self.port = _free_port()
         self._proc: asyncio.subprocess.Process | None = None
-        self.sampler: ProcessSampler | None = None
+        self.sampler: TreeSampler | None = None
+        """The service's whole process tree: a supervisor and its workers."""
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         auth = base64.b64encode(f"bench:{self._app_secret}".encode()).decode()
         self._headers = {
@@ -353,8 +372,13 @@ class Service:
             "LT_MAX_ROOMS": "1000",
             "LT_LOG_LEVEL": self._opts.service_log_level,
             "LT_PARTIAL_INTERVAL_MS": str(self._opts.partial_interval_ms),
-            # the figures are one process's: its CPU and memory are read from /proc
-            "LT_WORKERS": "1",
+            # one process unless a scenario asks for workers: the default is
+            # one worker per core, and the single-process figures are per process
+            "LT_WORKERS": str(self._workers),
+            # a crash in native code (libopus, libsrtp, a socket filter) leaves
+            # its traceback in the service's log instead of a silent exit
+            "PYTHONFAULTHANDLER": "1",
+            **self._extra_env,
             **{name: os.environ[name] for name in ("LT_EVENT_LOOP", "LT_UDP_TICK_MS") if name in os.environ},
         }
         command = shlex.split(self._opts.service_cmd) or [str(VENV_BIN / "live-transcription"), "serve"]
@@ -365,7 +389,7 @@ class Service:
             )
         finally:
             log_file.close()
-        self.sampler = ProcessSampler(self._proc.pid)
+        self.sampler = TreeSampler(self._proc.pid)
         async with asyncio.timeout(60):
             while True:
                 if self._proc.returncode is not None:
@@ -393,9 +417,31 @@ class Service:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    def worker_pids(self) -> list[int]:
+        """The service's worker processes (its child processes), oldest first."""
+        assert self.sampler is not None
+        return sorted(self.sampler.pids()[1:])
+
+    async def kill(self) -> None:
+        """SIGKILL the whole service, as a machine that disappears."""
+        assert self._proc is not None and self.sampler is not None
+        for pid in reversed(self.sampler.pids()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await self._proc.wait()
+
     def sample(self) -> Sample:
         assert self.sampler is not None
-        return self.sampler.sample()
+        try:
+            return self.sampler.sample()
+        except OSError:
+            raise RuntimeError(
+                f"the service exited (status {self.returncode}); see service-{self._label}.log"
+            ) from None
 
     async def transcribe(self, token: str, target: str, enable: bool = True) -> None:
         body = {"roomToken": token, "ncSessionId": target, "enable": enable, "langId": "en"}
@@ -754,7 +800,7 @@ async def stack(
 
 @contextlib.asynccontextmanager
 async def production_stack(
-    opts: Options, word_map: WordMap | None, label: str, engine: str, *, levels: bool
+    opts: Options, word_map: WordMap | None, label: str, engine: str, *, levels: bool, workers: int = 1
 ) -> AsyncIterator[tuple[LoadGen, Service, FakeStt | None]]:
     """Generator, fake STT server (``modal``/``moshi``) and service."""
     secret = secrets.token_hex(24)
@@ -776,22 +822,35 @@ async def production_stack(
         )
         env = fake.service_env() if fake is not None else None
         service = await exits.enter_async_context(
-            Service(loadgen, secret, opts.work, opts, label, stt_env=env)
+            Service(loadgen, secret, opts.work, opts, label, stt_env=env, workers=workers)
         )
         yield loadgen, service, fake
 
 
 async def scenario_production(
-    opts: Options, word_map: WordMap | None, kind: str, steps: list[int], *, engine: str, levels: bool
+    opts: Options,
+    word_map: WordMap | None,
+    kind: str,
+    steps: list[int],
+    *,
+    engine: str,
+    levels: bool,
+    workers: int | None = None,
 ) -> Json:
     """N speakers (active or silent) step by step, through the ``engine``'s
-    production client to the fake STT over TLS."""
+    production client to the fake STT over TLS. With ``workers`` (the
+    capacity runs) the service runs that many worker processes and the
+    steps stop at the first window past capacity (``bench.scale``)."""
     windows: list[Window] = []
     profile: Json = {}
     shape = "present" if levels else "absent"
-    label = f"{kind}-{engine}-{shape}"
+    label = f"{kind}-{engine}-{shape}" + (f"-w{workers}" if workers else "")
     words: Json = {}
-    async with production_stack(opts, word_map, label, engine, levels=levels) as (loadgen, service, fake):
+    async with production_stack(opts, word_map, label, engine, levels=levels, workers=workers or 1) as (
+        loadgen,
+        service,
+        fake,
+    ):
         generator = ProcessSampler(loadgen.pid)
         rooms = Rooms(service, loadgen, opts.per_room, kind)
         await asyncio.sleep(min(5.0, opts.warmup))
@@ -808,11 +867,13 @@ async def scenario_production(
             )
             windows.append(_label(window, engine, shape))
             log.info("%s N=%d (%.0f s): %s", label, n, time.monotonic() - started, _brief(window))
-            if n == opts.profile_at and opts.profile_seconds > 0:
+            if n == opts.profile_at and opts.profile_seconds > 0 and not workers:
                 profile = await profile_service(service.pid, opts, f"{label}-{n}") | {"n": n}
             if not service.alive():
-                log.error("the service died at N=%d", n)
+                log.error("the service died at N=%d (exit status %s)", n, service.returncode)
                 break
+            if workers and scale.miss_reasons(asdict(window)):
+                break  # past capacity: the next steps would only pile up
         words = await account_words(loadgen, fake, opts.settle)
         await rooms.close_all()
     return {
@@ -822,7 +883,7 @@ async def scenario_production(
         "windows": [asdict(w) for w in windows],
         "profile": profile,
         "words": words,
-    }
+    } | ({"workers": workers} if workers else {})
 
 
 def _label(window: Window, engine: str, levels: str) -> Window:
@@ -842,7 +903,14 @@ async def scenario_meeting(opts: Options, word_map: WordMap | None, *, engine: s
     words: Json = {}
     mix = meeting.MixShape(room_min=opts.room_min, room_max=opts.room_max, talk_share=opts.talk_share)
     sizes = meeting.room_sizes(max(opts.participants, default=0), mix, opts.seed)
-    async with production_stack(opts, word_map, label, engine, levels=levels) as (loadgen, service, fake):
+    workers = opts.meeting_workers
+    if workers != 1:
+        label += f"-w{workers}"
+    async with production_stack(opts, word_map, label, engine, levels=levels, workers=workers) as (
+        loadgen,
+        service,
+        fake,
+    ):
         generator = ProcessSampler(loadgen.pid)
         opened: list[str] = []
         total = 0
@@ -880,10 +948,10 @@ async def scenario_meeting(opts: Options, word_map: WordMap | None, *, engine: s
             )
             windows.append(_label(window, engine, shape))
             log.info("%s N=%d (%.0f s): %s", label, total, time.monotonic() - started, _brief(window))
-            if target == opts.profile_at and opts.profile_seconds > 0:
+            if target == opts.profile_at and opts.profile_seconds > 0 and workers == 1:
                 profile = await profile_service(service.pid, opts, f"{label}-{total}") | {"n": total}
             if not service.alive():
-                log.error("the service died at N=%d", total)
+                log.error("the service died at N=%d (exit status %s)", total, service.returncode)
                 break
         words = await account_words(loadgen, fake, opts.settle)
         for token in opened:
@@ -897,6 +965,168 @@ async def scenario_meeting(opts: Options, word_map: WordMap | None, *, engine: s
         "mix": asdict(mix),
         "windows": [asdict(w) for w in windows],
         "profile": profile,
+        "words": words,
+    } | ({"workers": workers} if workers != 1 else {})
+
+
+# --- fail-over -----------------------------------------------------------------------------------
+
+
+async def captions_after(
+    loadgen: LoadGen, tokens: list[str], since: float, deadline: float
+) -> dict[str, float]:
+    """Each room's first caption at or after ``since`` (monotonic), waiting
+    until every room has one or ``deadline`` seconds have passed."""
+    await loadgen.call("watch_captions", since=since)
+    end = time.monotonic() + deadline
+    while True:
+        seen = (await loadgen.call("watched"))["rooms"]
+        if all(token in seen for token in tokens) or time.monotonic() > end:
+            return {token: float(at) for token, at in seen.items() if token in tokens}
+        await asyncio.sleep(0.2)  # the generator has no push channel to the harness
+
+
+def _metrics_named(scrape: analysis.Scrape, *parts: str) -> Json:
+    return {
+        name + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else ""): value
+        for (name, labels), value in scrape.items()
+        if any(part in name for part in parts) and not name.endswith(("_created", "_bucket"))
+    }
+
+
+async def _open_failover_rooms(
+    service: Service, loadgen: LoadGen, opts: Options, prefix: str
+) -> tuple[Rooms, list[str]]:
+    rooms = Rooms(service, loadgen, opts.per_room, prefix)
+    await rooms.grow_to(opts.failover_rooms * opts.per_room, "active")
+    tokens = [token for token, _ in rooms.rooms]
+    flowing = await captions_after(loadgen, tokens, time.monotonic(), 60)
+    if len(flowing) < len(tokens):
+        raise RuntimeError(f"captions flowed in only {len(flowing)} of {len(tokens)} rooms before the kill")
+    return rooms, tokens
+
+
+async def failover_worker(opts: Options, word_map: WordMap | None, engine: str) -> Json:
+    """Kill one of two worker processes while every room has captions."""
+    async with production_stack(opts, word_map, "failover-worker", engine, levels=True, workers=2) as (
+        loadgen,
+        service,
+        fake,
+    ):
+        rooms, tokens = await _open_failover_rooms(service, loadgen, opts, "fw")
+        health_before = await service.health()
+        before = await service.metrics()
+        workers = service.worker_pids()
+        if len(workers) < 2:
+            raise RuntimeError(f"expected 2 worker processes, found {workers}")
+        clients = (await loadgen.call("room_clients"))["rooms"]
+        killed_at = time.monotonic()
+        os.kill(workers[0], signal.SIGKILL)
+        first = await captions_after(loadgen, tokens, killed_at, opts.failover_deadline)
+        times = scale.resume_times(killed_at, first, tokens)
+        moved = scale.moved_rooms(clients, (await loadgen.call("room_clients"))["rooms"])
+        health_after = await service.health()
+        changed = analysis.diff(await service.metrics(), before)
+        words = await account_words(loadgen, fake, opts.settle)
+        await rooms.close_all()
+    return {
+        "kind": "failover",
+        "description": (
+            f"{len(tokens)} rooms of {opts.per_room} active speakers on a service with 2 worker processes"
+            f" (`{engine}` client over TLS to the fake STT); one worker is killed with SIGKILL while every"
+            " room has captions; its supervisor restarts it and re-opens its rooms with their targets."
+        ),
+        "times_s": times,
+        "summary": scale.resume_summary(times, moved),
+        "moved": sorted(moved),
+        "deadline_s": opts.failover_deadline,
+        "health_before": health_before,
+        "health_after": health_after,
+        "metrics": _metrics_named(changed, "worker", "rooms_opened", "rooms_closed"),
+        "words": words,
+    }
+
+
+async def failover_replica(opts: Options, word_map: WordMap | None, engine: str) -> Json:
+    """Two replicas sharing a nats-server; Talk's requests reach the first;
+    the second is killed (SIGKILL) while every room has captions."""
+    from live_transcription.sim.nats_process import NatsServerProcess
+
+    secret = secrets.token_hex(24)
+    async with contextlib.AsyncExitStack() as exits:
+        nats = await exits.enter_async_context(NatsServerProcess())
+        tls = make_local_tls(opts.work / "tls")
+        fake = await exits.enter_async_context(FakeStt(engine, tls, opts))
+        loadgen = await exits.enter_async_context(
+            LoadGen(
+                secret,
+                word_map,
+                opts.work,
+                opts.max_seconds,
+                levels=True,
+                generator=opts.generator,
+                ahead=opts.generator_ahead,
+            )
+        )
+        ttl = 15.0
+        replicas = []
+        for name in ("a", "b"):
+            cluster_env = {"LT_NATS_URL": nats.url, "LT_REPLICA_ID": name}
+            replicas.append(
+                await exits.enter_async_context(
+                    Service(
+                        loadgen,
+                        secret,
+                        opts.work,
+                        opts,
+                        f"failover-replica-{name}",
+                        stt_env=fake.service_env(),
+                        extra_env=cluster_env,
+                    )
+                )
+            )
+        first_replica, second_replica = replicas
+        for replica in replicas:
+            await replica.wait_health(
+                "both replicas ready and seen",
+                lambda body: body.get("ready") and body.get("cluster", {}).get("replicas", 0) >= 2,
+            )
+        # a replica's load (accepting, once its rooms can run) reaches the
+        # others within one publish and one scan (5 s + 3 s by default);
+        # nothing shows when, so the harness waits that long
+        await asyncio.sleep(PUBLISH_AND_SCAN_S)
+        rooms, tokens = await _open_failover_rooms(first_replica, loadgen, opts, "fr")
+        owned = [(await r.health()).get("cluster", {}).get("rooms_owned") for r in replicas]
+        if not owned[1]:
+            raise RuntimeError(f"replica b owns no room (rooms owned: {owned}): nothing to fail over")
+        health_before = [await r.health() for r in replicas]
+        before = await first_replica.metrics()
+        clients = (await loadgen.call("room_clients"))["rooms"]
+        killed_at = time.monotonic()
+        await second_replica.kill()
+        first = await captions_after(loadgen, tokens, killed_at, opts.failover_deadline)
+        times = scale.resume_times(killed_at, first, tokens)
+        moved = scale.moved_rooms(clients, (await loadgen.call("room_clients"))["rooms"])
+        health_after = await first_replica.health()
+        changed = analysis.diff(await first_replica.metrics(), before)
+        words = await account_words(loadgen, fake, opts.settle)
+        await rooms.close_all()
+    return {
+        "kind": "failover",
+        "description": (
+            f"{len(tokens)} rooms of {opts.per_room} active speakers on two replicas (one process each)"
+            " sharing"
+            f" a nats-server; Talk's requests go to replica a, which places each room on the less loaded"
+            f" replica; replica b is killed with SIGKILL while every room has captions. Its leases"
+            f" expire (LT_CLUSTER_LEASE_TTL_SECONDS, default {ttl:g} s) and replica a takes its rooms over."
+        ),
+        "times_s": times,
+        "summary": scale.resume_summary(times, moved),
+        "moved": sorted(moved),
+        "deadline_s": opts.failover_deadline,
+        "health_before": health_before,
+        "health_after": health_after,
+        "metrics": _metrics_named(changed, "cluster", "rooms_opened", "rooms_closed"),
         "words": words,
     }
 
@@ -1182,6 +1412,8 @@ async def run(opts: Options, command: str) -> Json:
     for engine, shape, scenario in load_runs(opts):
         levels = shape == "present"
         key = f"{scenario}/{engine}/{shape}"
+        if scenario == "meeting" and opts.meeting_workers != 1:
+            key += f"/w{opts.meeting_workers}"  # apart from the one-process run
         started = time.monotonic()
         log.info("scenario %s", key)
         try:
@@ -1209,7 +1441,61 @@ async def run(opts: Options, command: str) -> Json:
             runs[key] = {"kind": scenario, "engine": engine, "levels": shape, "error": repr(exc)}
         results.setdefault("durations_s", {})[key] = round(time.monotonic() - started)
         results_path.write_text(json.dumps(results, indent=1, default=str))
-    for scenario in (s for s in opts.scenarios if s not in LOAD_SCENARIOS):
+    if "capacity" in opts.scenarios:
+        engine = opts.engines[0]
+        model = "instant" if engine == "instant" else "energy"
+        if (model, True) not in maps:
+            maps[model, True] = (
+                word_map
+                if model == "instant"
+                else await compute_word_map(pattern, engine=engine, levels=True)
+            )
+        for workers in opts.workers:
+            key = f"capacity/{engine}/present/w{workers}"
+            started = time.monotonic()
+            log.info("scenario %s", key)
+            try:
+                runs[key] = await scenario_production(
+                    opts,
+                    maps[model, True],
+                    "active",
+                    opts.capacity_steps,
+                    engine=engine,
+                    levels=True,
+                    workers=workers,
+                )
+            except Exception as exc:
+                log.exception("scenario %s failed", key)
+                runs[key] = {"kind": "active", "engine": engine, "workers": workers, "error": repr(exc)}
+            results.setdefault("durations_s", {})[key] = round(time.monotonic() - started)
+            results_path.write_text(json.dumps(results, indent=1, default=str))
+    if "failover" in opts.scenarios:
+        engine = opts.engines[0]
+        model = "instant" if engine == "instant" else "energy"
+        if (model, True) not in maps:
+            maps[model, True] = (
+                word_map
+                if model == "instant"
+                else await compute_word_map(pattern, engine=engine, levels=True)
+            )
+        failover = results.setdefault("failover", {})
+        for what, scenario_fn in (
+            ("kill a worker process", failover_worker),
+            ("kill a replica", failover_replica),
+        ):
+            started = time.monotonic()
+            log.info("scenario failover: %s", what)
+            try:
+                failover[what] = await scenario_fn(opts, maps[model, True], engine)
+                log.info("failover %s: %s", what, failover[what]["summary"])
+            except Exception as exc:
+                log.exception("failover %s failed", what)
+                failover[what] = {"error": repr(exc)}
+            results.setdefault("durations_s", {})[f"failover: {what}"] = round(time.monotonic() - started)
+            results_path.write_text(json.dumps(results, indent=1, default=str))
+    if "capacity" in opts.scenarios or "failover" in opts.scenarios or opts.meeting_workers != 1:
+        results["scale_commands"] = [command]
+    for scenario in (s for s in opts.scenarios if s not in LOAD_SCENARIOS and s not in SCALE_SCENARIOS):
         started = time.monotonic()
         log.info("scenario %s", scenario)
         try:
@@ -1225,6 +1511,23 @@ async def run(opts: Options, command: str) -> Json:
     results["reference_end"] = await asyncio.to_thread(machine_reference)
     results_path.write_text(json.dumps(results, indent=1, default=str))
     return results
+
+
+def merge_scale(results: Json, other: Json) -> None:
+    """Bring another run's scale-out figures (capacity and worker runs,
+    fail-over) into ``results``, with the command that produced them."""
+    runs = results.setdefault("runs", {})
+    for key, run in (other.get("runs") or {}).items():
+        if isinstance(run, dict) and "workers" in run:
+            runs[key] = run
+    if other.get("failover"):
+        results["failover"] = other["failover"]
+    commands = results.setdefault("scale_commands", [])
+    for command in other.get("scale_commands") or [other.get("command")]:
+        if command and command not in commands:
+            commands.append(command)
+    for key, seconds in (other.get("durations_s") or {}).items():
+        results.setdefault("durations_s", {})[key] = seconds
 
 
 def load_runs(opts: Options) -> list[tuple[str, str, str]]:
@@ -1246,7 +1549,26 @@ def load_runs(opts: Options) -> list[tuple[str, str, str]]:
 def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--scenario", default="all", help="active, silent, meeting, churn, soak or all (comma list)"
+        "--scenario",
+        default="all",
+        help="active, silent, meeting, churn, soak or all (comma list); capacity and failover"
+        " (scale-out: worker processes, replicas through NATS) are not part of all",
+    )
+    parser.add_argument("--workers", default="1,2", help="capacity: worker counts (LT_WORKERS), comma list")
+    parser.add_argument(
+        "--capacity-steps", default="50,100,150,200,250,300,400,500", help="capacity: active speaker counts"
+    )
+    parser.add_argument("--meeting-workers", type=int, default=1, help="meeting mix: LT_WORKERS")
+    parser.add_argument(
+        "--failover-rooms", type=int, default=10, help="failover: rooms of --per-room speakers"
+    )
+    parser.add_argument("--failover-deadline", type=float, default=90.0, help="failover: seconds to wait")
+    parser.add_argument(
+        "--merge-from",
+        type=Path,
+        action="append",
+        default=[],
+        help="another run's results.json whose scale-out figures join this report",
     )
     parser.add_argument(
         "--engine",
@@ -1313,7 +1635,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
     parser.add_argument("--service-log-level", default="WARNING", help="LT_LOG_LEVEL of the service")
     args = parser.parse_args(argv)
     scenarios = list(ALL_SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
-    unknown = set(scenarios) - set(ALL_SCENARIOS)
+    unknown = set(scenarios) - set(ALL_SCENARIOS) - set(SCALE_SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     engines = [e for e in args.engine.split(",") if e]
@@ -1363,6 +1685,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, str]:
         profile_native=args.profile_native,
         generator=args.generator,
         generator_ahead=args.generator_ahead,
+        workers=[int(w) for w in args.workers.split(",") if w.strip()],
+        capacity_steps=[int(n) for n in args.capacity_steps.split(",") if n.strip()],
+        meeting_workers=args.meeting_workers,
+        failover_rooms=args.failover_rooms,
+        failover_deadline=args.failover_deadline,
+        merge_from=list(args.merge_from),
     )
     if args.from_results:
         opts.work = args.from_results.parent
@@ -1405,6 +1733,15 @@ def reproduce_command(opts: Options) -> str:
         )
     if "soak" in opts.scenarios:
         parts.append(f"--soak-minutes {opts.soak_minutes:g} --soak-speakers {opts.soak_speakers}")
+    if "capacity" in opts.scenarios:
+        parts.append(
+            f"--workers {','.join(map(str, opts.workers))}"
+            f" --capacity-steps {','.join(map(str, opts.capacity_steps))}"
+        )
+    if "meeting" in opts.scenarios and opts.meeting_workers != 1:
+        parts.append(f"--meeting-workers {opts.meeting_workers}")
+    if "failover" in opts.scenarios:
+        parts.append(f"--failover-rooms {opts.failover_rooms} --failover-deadline {opts.failover_deadline:g}")
     parts += [f"--out {opts.out}", f"--img {opts.img}", f"--work {opts.work}"]
     if opts.service_cmd:
         parts.append(f"--service-cmd {shlex.quote(opts.service_cmd)}")
@@ -1427,6 +1764,8 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError:
             print("the benchmark hit --max-hours", file=sys.stderr)
             return 1
+    for other in opts.merge_from:
+        merge_scale(results, json.loads(other.read_text()))
     report.write(results, opts.out, opts.img)
     print(f"wrote {opts.out} and plots in {opts.img}", file=sys.stderr)
     print(f"to reproduce: {results.get('command', command)}", file=sys.stderr)

@@ -12,8 +12,11 @@ from bench.procstat import (
     ProcessSampler,
     ProcParseError,
     Sample,
+    TreeSampler,
     cpu_percent,
+    parse_children,
     parse_stat,
+    parse_stat_reaped,
     parse_status_rss,
     percentile,
     slope,
@@ -92,4 +95,57 @@ def test_sampler_reads_a_fake_proc_tree(tmp_path: Path) -> None:
 def test_sampler_reads_this_process() -> None:
     sample = ProcessSampler(os.getpid()).sample()
     assert sample.rss_bytes > 1 << 20
+    assert sample.cpu_seconds > 0
+
+
+def _stat(pid: int, utime: int, stime: int, cutime: int = 0, cstime: int = 0) -> str:
+    fields = f"S 1 1 1 0 -1 0 0 0 0 0 {utime} {stime} {cutime} {cstime} 20 0 1 0 1 1 1"
+    return f"{pid} (live-transcription) {fields}"
+
+
+def _proc_entry(root: Path, pid: int, stat: str, rss_kb: int | None, children: list[int]) -> None:
+    task = root / str(pid) / "task" / str(pid)
+    task.mkdir(parents=True)
+    (root / str(pid) / "stat").write_text(stat)
+    status = f"Name:\tx\nVmRSS:\t{rss_kb} kB\n" if rss_kb is not None else "Name:\tx\n"
+    (root / str(pid) / "status").write_text(status)
+    (task / "children").write_text(" ".join(str(c) for c in children) + (" " if children else ""))
+
+
+def test_reaped_children_times_and_children_lists_parse() -> None:
+    assert parse_stat_reaped(_stat(7, 1, 2, 30, 4)) == CpuTimes(30, 4)
+    assert parse_children("12 13 ") == [12, 13]
+    assert parse_children("") == []
+    with pytest.raises(ProcParseError):
+        parse_children("12 x")
+    with pytest.raises(ProcParseError):
+        parse_stat_reaped("7 (x) S 1 2")
+
+
+def test_tree_sampler_sums_the_supervisor_its_workers_and_the_reaped(tmp_path: Path) -> None:
+    # supervisor 10 (its reaped worker left 40+10 ticks), workers 11 and 12,
+    # and 12's own child 13, a zombie without VmRSS
+    _proc_entry(tmp_path, 10, _stat(10, 100, 20, 40, 10), 1000, [11, 12])
+    _proc_entry(tmp_path, 11, _stat(11, 300, 30), 2000, [])
+    _proc_entry(tmp_path, 12, _stat(12, 200, 10), 3000, [13])
+    _proc_entry(tmp_path, 13, _stat(13, 5, 5), None, [])
+    sampler = TreeSampler(10, proc=tmp_path, clock_ticks=100)
+    assert sampler.pids() == [10, 11, 12, 13]
+    sample = sampler.sample()
+    assert sample.cpu_seconds == pytest.approx((100 + 20 + 40 + 10 + 300 + 30 + 200 + 10 + 5 + 5) / 100)
+    assert sample.system_seconds == pytest.approx((20 + 10 + 30 + 10 + 5) / 100)
+    assert sample.rss_bytes == (1000 + 2000 + 3000) * 1024
+
+
+def test_tree_sampler_skips_a_worker_that_ended_meanwhile(tmp_path: Path) -> None:
+    _proc_entry(tmp_path, 10, _stat(10, 100, 0), 1000, [11, 99])
+    _proc_entry(tmp_path, 11, _stat(11, 50, 0), 500, [])
+    sample = TreeSampler(10, proc=tmp_path, clock_ticks=100).sample()
+    assert sample.cpu_seconds == pytest.approx(1.5)
+    assert sample.rss_bytes == 1500 * 1024
+
+
+def test_tree_sampler_reads_this_process() -> None:
+    sample = TreeSampler(os.getpid()).sample()
+    assert sample.rss_bytes > 0
     assert sample.cpu_seconds > 0
