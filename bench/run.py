@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1006,6 +1006,19 @@ async def _open_failover_rooms(
     return rooms, tokens
 
 
+async def _kill_and_time(
+    loadgen: LoadGen, tokens: list[str], kill: Callable[[], Awaitable[None]], deadline: float
+) -> tuple[dict[str, float | None], set[str]]:
+    """Kill, then each room's time to its first caption after the kill, and
+    the rooms the service re-opened (a new service session in the room)."""
+    clients = (await loadgen.call("room_clients"))["rooms"]
+    killed_at = time.monotonic()
+    await kill()
+    first = await captions_after(loadgen, tokens, killed_at, deadline)
+    moved = scale.moved_rooms(clients, (await loadgen.call("room_clients"))["rooms"])
+    return scale.resume_times(killed_at, first, tokens), moved
+
+
 async def failover_worker(opts: Options, word_map: WordMap | None, engine: str) -> Json:
     """Kill one of two worker processes while every room has captions."""
     async with production_stack(opts, word_map, "failover-worker", engine, levels=True, workers=2) as (
@@ -1019,12 +1032,12 @@ async def failover_worker(opts: Options, word_map: WordMap | None, engine: str) 
         workers = service.worker_pids()
         if len(workers) < 2:
             raise RuntimeError(f"expected 2 worker processes, found {workers}")
-        clients = (await loadgen.call("room_clients"))["rooms"]
-        killed_at = time.monotonic()
-        os.kill(workers[0], signal.SIGKILL)
-        first = await captions_after(loadgen, tokens, killed_at, opts.failover_deadline)
-        times = scale.resume_times(killed_at, first, tokens)
-        moved = scale.moved_rooms(clients, (await loadgen.call("room_clients"))["rooms"])
+        victim = workers[0]
+
+        async def kill_worker() -> None:
+            os.kill(victim, signal.SIGKILL)
+
+        times, moved = await _kill_and_time(loadgen, tokens, kill_worker, opts.failover_deadline)
         health_after = await service.health()
         changed = analysis.diff(await service.metrics(), before)
         words = await account_words(loadgen, fake, opts.settle)
@@ -1101,12 +1114,7 @@ async def failover_replica(opts: Options, word_map: WordMap | None, engine: str)
             raise RuntimeError(f"replica b owns no room (rooms owned: {owned}): nothing to fail over")
         health_before = [await r.health() for r in replicas]
         before = await first_replica.metrics()
-        clients = (await loadgen.call("room_clients"))["rooms"]
-        killed_at = time.monotonic()
-        await second_replica.kill()
-        first = await captions_after(loadgen, tokens, killed_at, opts.failover_deadline)
-        times = scale.resume_times(killed_at, first, tokens)
-        moved = scale.moved_rooms(clients, (await loadgen.call("room_clients"))["rooms"])
+        times, moved = await _kill_and_time(loadgen, tokens, second_replica.kill, opts.failover_deadline)
         health_after = await first_replica.health()
         changed = analysis.diff(await first_replica.metrics(), before)
         words = await account_words(loadgen, fake, opts.settle)
