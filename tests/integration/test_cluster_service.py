@@ -31,7 +31,6 @@ from live_transcription.api.app import Runtime, create_app
 from live_transcription.cluster import ClusterNode, ClusterOptions, RoomRecord
 from live_transcription.cluster.store import LeaseStore, open_bucket
 from live_transcription.config import load_settings
-from live_transcription.hpb.protocol import Relayed
 from live_transcription.rooms.manager import Manager
 from live_transcription.rooms.room import Room
 from live_transcription.service import running_service
@@ -42,6 +41,7 @@ from live_transcription.sim.nats_process import NatsServerProcess
 from tests.integration.test_faults_support import BACKEND, no_ice_servers, talking_wav
 from tests.nats_support import nats_server_fixture, skip_unless_nats_server  # noqa: F401
 from tests.serve_process import free_port, start_serve, wait_serving
+from tests.viewers import captions, finals_since
 
 pytestmark = pytest.mark.nats
 
@@ -175,23 +175,6 @@ async def cluster_on(nats: NatsServerProcess, tmp: Path) -> AsyncIterator[Cluste
                     replica.node.stop_accepting()
     finally:
         await bridge.aclose()
-
-
-def captions(viewer: SimClient) -> list[tuple[str | None, dict[str, Any]]]:
-    """(sender HPB session, transcript) of every caption the viewer received."""
-    return [
-        (event.sender, dict(event.data))
-        for event in viewer.events
-        if isinstance(event, Relayed) and event.data.get("type") == "transcript"
-    ]
-
-
-def finals_since(viewer: SimClient, mark: int, speaker: str) -> list[tuple[str | None, dict[str, Any]]]:
-    return [
-        (sender, data)
-        for sender, data in captions(viewer)[mark:]
-        if data["final"] and data["speakerSessionId"] == speaker
-    ]
 
 
 async def until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:

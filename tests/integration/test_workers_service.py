@@ -34,13 +34,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from live_transcription.api.server import SHUTDOWN_SECONDS
-from live_transcription.hpb.protocol import Relayed
 from live_transcription.logs import short_token
 from live_transcription.sim.client import SimClient
 from live_transcription.sim.direct_bridge import DirectBridge
 from live_transcription.sim.emulator import HpbEmulator
 from tests.integration.test_faults_support import BACKEND, talking_wav
 from tests.serve_process import free_port, start_serve, wait_serving
+from tests.viewers import captions, finals_since
 
 DEADLINE = 60.0
 APP_SECRET = "workers-app-secret-" + secrets.token_hex(4)
@@ -55,23 +55,6 @@ def auth() -> dict[str, str]:
         "AA-VERSION": "3.0.0",
         "AUTHORIZATION-APP-API": token,
     }
-
-
-def captions(viewer: SimClient) -> list[tuple[str | None, dict[str, Any]]]:
-    """(sender HPB session, transcript) of every caption the viewer received."""
-    return [
-        (event.sender, dict(event.data))
-        for event in viewer.events
-        if isinstance(event, Relayed) and event.data.get("type") == "transcript"
-    ]
-
-
-def finals_since(viewer: SimClient, mark: int, speaker: str) -> list[tuple[str | None, dict[str, Any]]]:
-    return [
-        (sender, data)
-        for sender, data in captions(viewer)[mark:]
-        if data["final"] and data["speakerSessionId"] == speaker
-    ]
 
 
 async def until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
